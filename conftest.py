@@ -9,4 +9,3 @@ import os
 os.environ.setdefault("CL_QUICK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
-os.environ.setdefault("MPLBACKEND", "Agg")
