@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Iterable
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # In a kernel without ipywidgets, tqdm.auto warns (with a machine path) and
+    # falls back to text bars; the fallback is what we want, the warning is noise.
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 Profile = Literal["quick", "full"]
 T = TypeVar("T")
