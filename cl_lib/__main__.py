@@ -1,0 +1,99 @@
+"""Command line: ``python -m cl_lib <command> ...`` (also ``cl-lib``, and under ``torchrun``).
+
+* ``train --config FILE [key.sub=value ...] [--no-resume] [--no-progress]``: pre-train
+  (:func:`cl_lib.train.pretrain`); ``torchrun --nproc_per_node=2 -m cl_lib train ...`` runs DDP.
+* ``eval --checkpoint FILE [--split test] [--no-linear]``: kNN and linear-probe accuracy of a
+  checkpoint, printed as text and as one JSON line.
+
+Add a command by adding an entry to :data:`COMMANDS`: name -> (help, add_arguments, handler);
+the handler takes the parsed ``argparse.Namespace`` and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+Configure = Callable[[argparse.ArgumentParser], None]
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, YAML values"
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if out_dir has a checkpoint"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cl_lib.train import load_config, pretrain
+
+    config = load_config(args.config, args.overrides)
+    result = pretrain(config, resume=not args.no_resume, progress=not args.no_progress)
+    if result.summary.get("collapsed"):
+        print("warning: the final epoch looks collapsed (embedding spread ~ 0)", file=sys.stderr)
+    return 0
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train")
+    parser.add_argument("--split", default="test", help="query split (default: test)")
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--data-root", default=None, help="override the config's data.root")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cl_lib.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        split=args.split,
+        linear=not args.no_linear,
+        device=args.device,
+        data_root=args.data_root,
+    )
+    text = f"kNN accuracy (k={result['knn_k']}, {args.split}): {100 * result['knn_accuracy']:.2f}%"
+    if "linear_probe_accuracy" in result:
+        text += f"; linear probe: {100 * result['linear_probe_accuracy']:.2f}%"
+    print(text)
+    print(json.dumps(result))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Configure, Handler]] = {
+    "train": ("pre-train a contrastive model from a YAML config", _train_arguments, _train),
+    "eval": ("evaluate a checkpoint (kNN and linear probe)", _eval_arguments, _eval),
+}
+"""Subcommands: name -> (help, add_arguments(parser), handler(args) -> exit status)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="python -m cl_lib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, configure, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; bad configs and arguments print a one-line error and return 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
