@@ -566,7 +566,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     The per-channel sums and squared deviations are all-reduced with the differentiable
     all-reduce of :class:`_AllReduceSum` (two passes, like a single-process
     BatchNorm on the concatenated batch). Without an initialised multi-rank process group, or
-    in eval mode, it is a plain BatchNorm. Accepts (N, C) and (N, C, *) inputs.
+    in eval mode, it is a plain BatchNorm. Accepts ``(N, C)`` and ``(N, C, *)`` inputs.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
