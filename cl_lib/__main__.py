@@ -4,6 +4,8 @@
   (:func:`cl_lib.train.pretrain`); ``torchrun --nproc_per_node=2 -m cl_lib train ...`` runs DDP.
 * ``eval --checkpoint FILE [--split test] [--no-linear]``: kNN and linear-probe accuracy of a
   checkpoint, printed as text and as one JSON line.
+* ``experiment NAME [--full] [--seeds 0,1,2]``: run a named experiment grid, resumable, into
+  ``results/NAME.json`` (:mod:`cl_lib.experiments`).
 
 Add a command by adding an entry to :data:`COMMANDS`: name -> (help, add_arguments, handler);
 the handler takes the parsed ``argparse.Namespace`` and returns the exit status.
@@ -67,9 +69,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    from cl_lib.experiments import configure_parser
+
+    configure_parser(parser)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from cl_lib.experiments import run_experiment_cli
+
+    return run_experiment_cli(args)
+
+
 COMMANDS: dict[str, tuple[str, Configure, Handler]] = {
     "train": ("pre-train a contrastive model from a YAML config", _train_arguments, _train),
     "eval": ("evaluate a checkpoint (kNN and linear probe)", _eval_arguments, _eval),
+    "experiment": ("run a named experiment grid", _experiment_arguments, _experiment),
 }
 """Subcommands: name -> (help, add_arguments(parser), handler(args) -> exit status)."""
 

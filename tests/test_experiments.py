@@ -1,0 +1,288 @@
+"""Tests for the experiment runner (cl_lib.experiments): grids, JSON schema, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import cl_lib.train as train_mod
+from cl_lib import experiments as ex
+from cl_lib.data import load_dataset
+from cl_lib.models import build_model
+
+TINY = (
+    "data.size=64",
+    "data.test_size=32",
+    "optim.batch_size=16",
+    "optim.epochs=2",
+    "geometry_size=16",
+    "eval_every=0",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_experiment(name: str = "tiny", bias: bool = False) -> ex.Experiment:
+    """Two cells of the balanced loss on a few steps of tiny shapes data."""
+    return ex.Experiment(
+        name=name,
+        description="smoke grid",
+        cells=(
+            {"loss.name": "balanced", "loss.lam": 1.0},
+            {"loss.name": "balanced", "loss.lam": 2.0},
+        ),
+        quick_overrides=TINY,
+        seeds=(0,),
+        bias=bias,
+    )
+
+
+def run(tmp_path, exp, **kw):
+    return ex.run_experiment(
+        exp, out=tmp_path / "results", runs_dir=tmp_path / "runs", progress=False, **kw
+    )
+
+
+def test_smoke_grid_schema_and_provenance(tmp_path):
+    results = run(tmp_path, tiny_experiment())
+    on_disk = ex.load_results(tmp_path / "results" / "tiny.json")
+    assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
+    assert on_disk["schema_version"] == ex.SCHEMA_VERSION
+    assert on_disk["experiment"] == "tiny" and on_disk["profile"] == "quick"
+    assert [c["cell"] for c in on_disk["grid"]["cells"]] == ["lam=1.0", "lam=2.0"]
+    prov = on_disk["provenance"]
+    for key in ("git_commit", "git_dirty", "start", "end", "torch", "device", "cpu", "threads"):
+        assert key in prov
+    assert prov["torch"] == torch.__version__ and prov["threads"] >= 1
+    assert prov["start"] <= prov["end"] and isinstance(prov["command"], list)
+    assert len(on_disk["runs"]) == 2
+    for r, lam in zip(on_disk["runs"], (1.0, 2.0), strict=True):
+        assert r["config"]["loss"]["lam"] == lam and r["config"]["seed"] == 0
+        assert r["config_hash"] == ex.config_hash(r["config"])
+        assert r["params"]["loss.lam"] == lam and r["wall_time_s"] > 0
+        m = r["metrics"]
+        assert 0.0 <= m["knn_acc"] <= 1.0 and 0.0 <= m["linear_acc"] <= 1.0
+        assert 0.0 <= m["alignment"] <= 4.0 and m["uniformity"] <= 0.0
+        assert len(r["history"]) == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
+        # the per-class accuracies, weighted by the test counts, give the overall accuracy
+        counts = torch.bincount(load_dataset("shapes", "test", size=32).labels, minlength=10)
+        per_class = torch.tensor(m["knn_per_class"], dtype=torch.float64)
+        weighted = float((per_class * counts).sum() / counts.sum())
+        assert weighted == pytest.approx(m["knn_acc"], abs=1e-6)
+    # the two cells really differ in their config (distinct hashes)
+    assert on_disk["runs"][0]["config_hash"] != on_disk["runs"][1]["config_hash"]
+
+
+def test_resume_after_kill_runs_only_the_rest(tmp_path, monkeypatch):
+    exp = tiny_experiment("resume")
+    calls: list[str] = []
+    real = train_mod.pretrain
+
+    def dying(config, **kw):
+        calls.append(config.out_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second run
+        return real(config, **kw)
+
+    monkeypatch.setattr(train_mod, "pretrain", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, exp)
+    first = ex.load_results(tmp_path / "results" / "resume.json")
+    assert [r["cell"] for r in first["runs"]] == ["lam=1.0"]
+
+    calls.clear()
+    monkeypatch.setattr(
+        train_mod,
+        "pretrain",
+        lambda config, **kw: calls.append(config.out_dir) or real(config, **kw),
+    )
+    second = run(tmp_path, exp)
+    assert len(calls) == 1 and calls[0].endswith("lam=2.0-s0")
+    assert [r["cell"] for r in second["runs"]] == ["lam=1.0", "lam=2.0"]
+    assert second["runs"][0] == json.loads(json.dumps(first["runs"][0]))  # kept as it was
+    assert len(second["sessions"]) == 2
+
+    calls.clear()  # a third call has nothing left to do
+    run(tmp_path, exp)
+    assert calls == []
+
+
+def test_half_finished_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    exp = tiny_experiment("half")
+    real_eval = ex.evaluate_run
+
+    def failing(*a, **kw):
+        raise RuntimeError("killed while evaluating")
+
+    monkeypatch.setattr(ex, "evaluate_run", failing)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, exp, seeds=(0,))
+    assert (tmp_path / "runs" / "half" / "lam=1.0-s0" / "checkpoint.pt").exists()
+
+    epochs_trained: list[int] = []
+    real_epoch = train_mod._Trainer.run_epoch
+
+    def counting(self, epoch, show):
+        epochs_trained.append(epoch)
+        return real_epoch(self, epoch, show)
+
+    monkeypatch.setattr(train_mod._Trainer, "run_epoch", counting)
+    monkeypatch.setattr(ex, "evaluate_run", real_eval)
+    results = run(tmp_path, exp, seeds=(0,))
+    assert len(results["runs"]) == 2
+    assert epochs_trained == [0, 1]  # only the second cell trained; the first resumed at its end
+    assert len(results["runs"][0]["history"]) == 2
+
+
+def test_changed_config_is_not_skipped(tmp_path, monkeypatch):
+    exp = tiny_experiment("changed")
+    run(tmp_path, exp, seeds=(0,))
+    calls: list[str] = []
+    real = train_mod.pretrain
+    monkeypatch.setattr(
+        train_mod, "pretrain", lambda c, **kw: calls.append(c.out_dir) or real(c, **kw)
+    )
+    # a different temperature changes the hash: both cells run again, in fresh folders
+    results = ex.run_experiment(
+        exp,
+        out=tmp_path / "results",
+        runs_dir=tmp_path / "runs2",
+        overrides=["loss.temperature=0.3"],
+        progress=False,
+    )
+    assert len(calls) == 2 and len(results["runs"]) == 4
+
+
+def test_config_hash_ignores_paths_only():
+    a = train_mod.config_to_dict(train_mod.load_config(None, ["out_dir=x"]))
+    b = train_mod.config_to_dict(train_mod.load_config(None, ["out_dir=y", "device=cpu"]))
+    c = train_mod.config_to_dict(train_mod.load_config(None, ["loss.temperature=0.3"]))
+    assert ex.config_hash(a) == ex.config_hash(b) != ex.config_hash(c)
+
+
+def test_cell_ids_and_registry():
+    assert ex.cell_id({"loss.name": "balanced", "loss.alpha": 0.5}) == "alpha=0.5"
+    assert ex.cell_id({"loss.include_positive": True}) == "include_positive=1"
+    assert set(ex.EXPERIMENTS) == {
+        "aug_strength",
+        "debiased_positives",
+        "balance_grid",
+        "long_tailed",
+    }
+    for exp in ex.EXPERIMENTS.values():
+        assert len(exp.seeds) >= 3
+    grid = ex.EXPERIMENTS["balance_grid"]
+    nt = [c for c in grid.cells if c["loss.include_positive"]]
+    assert nt == [
+        {"loss.name": "balanced", "loss.alpha": 1.0, "loss.lam": 1.0, "loss.include_positive": True}
+    ]
+    with pytest.raises(ValueError, match="cells"):
+        ex.Experiment(name="x", description="", cells=({"a": 1}, {"a": 1}))
+    with pytest.raises(ValueError, match="exp"):
+        ex.run_experiment("nope")
+    with pytest.raises(ValueError, match="seeds"):
+        ex.run_experiment("aug_strength", seeds=())
+
+
+def test_every_registered_grid_builds_valid_configs(tmp_path):
+    for exp in ex.EXPERIMENTS.values():
+        for full in (False, True):
+            plan = ex._plan(exp, full, exp.seeds, (), tmp_path)
+            assert len(plan) == len(exp.cells) * len(exp.seeds)
+            assert len({p["config_hash"] for p in plan}) == len(plan)
+
+
+def test_summarise_matches_torch_statistics():
+    runs = [
+        {
+            "cell": "a",
+            "seed": s,
+            "metrics": {"knn_acc": v, "collapsed": c, "bias": {"h": {"bias": v}}},
+        }
+        for s, (v, c) in enumerate([(0.5, False), (0.7, True), (0.9, False)])
+    ]
+    results = {
+        "grid": {"cells": [{"cell": "a", "params": {}}, {"cell": "b", "params": {}}]},
+        "runs": runs,
+    }
+    rows = ex.summarise(results, "knn_acc")
+    t = torch.tensor([0.5, 0.7, 0.9], dtype=torch.float64)
+    assert rows[0]["n"] == 3 and rows[0]["collapsed"] == 1
+    assert math.isclose(rows[0]["mean"], float(t.mean())) and math.isclose(
+        rows[0]["std"], float(t.std())
+    )
+    assert rows[0]["median"] == 0.7 and rows[1]["n"] == 0 and math.isnan(rows[1]["mean"])
+    assert ex.summarise(results, "bias.h.bias")[0]["max"] == 0.9
+    with pytest.raises(ValueError, match="metric"):
+        ex.summarise(results, "bias.q")
+
+
+def test_measure_bias_without_augmentation_has_no_variance():
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    identity = lambda x, generator=None: x  # noqa: E731
+    out = ex.measure_bias(model, identity, seed=0, per_class=4, instances=12, num_views=3)
+    for rep in ("h", "z"):
+        r = out[rep]
+        assert r["variance_term"] == pytest.approx(0.0, abs=1e-10)  # K identical views
+        assert r["bias"] == pytest.approx(r["raw_distance"], rel=1e-5)
+        assert 0.0 <= r["bias"] <= 2.0 and 0.0 < r["prototype_norm"] <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="num_views"):
+        ex.measure_bias(model, identity, seed=0, num_views=1)
+
+
+def test_changed_grid_keeps_stored_cells_with_runs():
+    exp = tiny_experiment("grid")
+    stored = {
+        "grid": {
+            "cells": [{"cell": "old=1", "params": {"x": 1}}, {"cell": "gone=2", "params": {}}]
+        },
+        "runs": [{"cell": "old=1"}],
+    }
+    cells = [c["cell"] for c in ex._merged_cells(exp, stored)]
+    assert cells == ["lam=1.0", "lam=2.0", "old=1"]  # the cell without runs is dropped
+
+
+def test_cli_parses_and_rejects(tmp_path):
+    from cl_lib.__main__ import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["experiment", "long_tailed", "--seeds", "3,4", "--set", "optim.lr=1e-3"]
+    )
+    assert (
+        args.name == "long_tailed" and args.seeds == (3, 4) and args.overrides == ["optim.lr=1e-3"]
+    )
+    assert args.command == "experiment"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "long_tailed", "--seeds", "a"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "unknown"])
+
+
+def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    exp = tiny_experiment("fails")
+    real = train_mod.pretrain
+
+    def flaky(config, **kw):
+        if config.loss.lam == 1.0:
+            raise RuntimeError("non-finite loss at epoch 1")
+        return real(config, **kw)
+
+    monkeypatch.setattr(train_mod, "pretrain", flaky)
+    results = run(tmp_path, exp)
+    assert [r["cell"] for r in results["runs"]] == ["lam=2.0"]
+    assert (
+        results["failures"][0]["cell"] == "lam=1.0"
+        and "non-finite" in results["failures"][0]["error"]
+    )
