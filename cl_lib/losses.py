@@ -42,6 +42,10 @@ Numerics. Logits and log-sum-exps are computed in float32 (float64 stays float64
 autocast disabled inside, so the losses work under ``torch.autocast`` on CPU and CUDA; masked
 entries are ``-inf`` inside ``logsumexp`` so small temperatures (``tau = 0.01``) are stable.
 Memory is O(N^2): at most a ``(V N) x (V N)`` logit matrix, never an ``N x N x D`` tensor.
+Without ``negative_weights``, the balanced family (NT-Xent, decoupled, balanced) computes the
+negatives' log-sum-exp with a fused autograd function that holds one such matrix (the
+exponentiated logits, reused by the backward pass); it supports first derivatives only
+(no double backward).
 
 Validation. Bad arguments raise ``ValueError`` naming the argument. Value checks that need the
 data (finiteness, positivity of weights, label ranges) force a host sync on CUDA, so they run
@@ -474,6 +478,104 @@ def _view_logits(
     return _ViewLogits(positive, negative, num_negatives=num_views * (total - 1))
 
 
+# Largest ``1 / tau`` for which ``exp(s / tau)`` needs no shift: cosine logits lie in
+# ``[-1 / tau, 1 / tau]`` and ``exp(+-40)`` is well inside the normal float32 range (about
+# ``exp(+-87)``), so the row sums cannot overflow or underflow. Smaller temperatures shift every
+# row by its own maximum instead.
+_MAX_UNSHIFTED_INV_TAU = 40.0
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    """``log sum_k exp(<a_i, c_k> / tau)`` over the candidates ``k`` not masked for anchor ``i``.
+
+    Fused forward and backward that hold a single ``(A, C)`` buffer: the logits are computed
+    by one ``mm``, exponentiated in place (unshifted, since cosine logits are bounded by
+    ``1 / tau``; shifted by the row maximum for small temperatures) and the masked entries are
+    zeroed in place; the backward reuses these unnormalised softmax weights ``E`` for
+    ``grad_a = g / (tau S) * E c`` and ``grad_c = E^T (g / (tau S) * a)`` with ``S`` the row
+    sums. Only first derivatives are supported.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        anchors: Tensor,
+        candidates: Tensor,
+        inv_tau: float,
+        masked_rows: Tensor,
+        masked_cols: Tensor,
+    ) -> Tensor:
+        """Row-wise masked log-sum-exp, shape (A,)."""
+        weights = torch.mm(anchors * inv_tau, candidates.T)
+        if inv_tau <= _MAX_UNSHIFTED_INV_TAU:
+            shift = None
+        else:
+            weights.index_put_((masked_rows, masked_cols), weights.new_tensor(float("-inf")))
+            shift = weights.amax(dim=1, keepdim=True)
+            weights.sub_(shift)
+        weights.exp_()
+        weights.index_put_((masked_rows, masked_cols), weights.new_zeros(()))
+        total = weights.sum(dim=1, keepdim=True)
+        ctx.save_for_backward(anchors, candidates, weights, total)
+        ctx.inv_tau = inv_tau
+        lse = total.log()
+        return (lse if shift is None else lse + shift).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        """Gradients w.r.t. anchors and candidates (two matmuls with the saved weights)."""
+        anchors, candidates, weights, total = ctx.saved_tensors
+        coef = grad.unsqueeze(1) * ctx.inv_tau / total  # (A, 1)
+        grad_anchors = grad_candidates = None
+        if ctx.needs_input_grad[0]:
+            grad_anchors = torch.mm(weights, candidates).mul_(coef)
+        if ctx.needs_input_grad[1]:
+            grad_candidates = torch.mm(weights.T, anchors * coef)
+        return grad_anchors, grad_candidates, None, None, None
+
+
+@dataclass(frozen=True)
+class _ViewParts:
+    """Positive logits and negative log-sum-exps of a batch of views (no ``(A, C)`` output)."""
+
+    positive: Tensor  # (V, V, N): s(view v, view w of the same instance) / tau; diagonal unused
+    negative_lse: Tensor  # (V, N): log sum_{k in N(i)} exp(s_ik / tau)
+    num_negatives: int  # |N(i)|, the same for every anchor
+
+
+def _view_parts(
+    views: Views, temperature: float, gather_distributed: bool, check_finite: bool | None
+) -> _ViewParts:
+    """Unweighted :class:`_ViewParts` through :class:`_NegativeLogSumExp`.
+
+    Must be called with autocast disabled; works in float32 (or float64).
+    """
+    x = _as_views(views, check_finite)
+    num_views, batch, dim = x.shape
+    z = _normalise(x, _compute_dtype(x))  # (V, N, D)
+    gather = bool(gather_distributed) and cl_dist.is_distributed()
+    offset = cl_dist.rank() * batch if gather else 0
+    candidates = cl_dist.gather_along_dim(z, 1) if gather else z  # (V, M, D)
+    total = candidates.shape[1]
+    # (V, V, N) by broadcasting: an einsum here runs as N tiny batched matmuls on the CPU
+    positive = (z.unsqueeze(1) * z.unsqueeze(0)).sum(dim=-1) / temperature
+    # same-instance entries of the (V*N, V*M) logits: row v*N + n, columns w*M + n + offset
+    rows = torch.arange(num_views * batch, device=z.device)
+    view_starts = torch.arange(num_views, device=z.device) * total
+    cols = view_starts.unsqueeze(0) + (rows % batch + offset).unsqueeze(1)  # (V*N, V)
+    lse = _NegativeLogSumExp.apply(
+        z.reshape(num_views * batch, dim),
+        candidates.reshape(num_views * total, dim),
+        1.0 / temperature,
+        rows.repeat_interleave(num_views),
+        cols.reshape(-1),
+    )
+    return _ViewParts(positive, lse.reshape(num_views, batch), num_views * (total - 1))
+
+
 def balanced_contrastive_loss(
     views: Views,
     *,
@@ -508,7 +610,12 @@ def balanced_contrastive_loss(
     reduction = _check_reduction(reduction)
     device = views.device if isinstance(views, Tensor) else _first_device(views)
     with _autocast_off(device):
-        parts = _view_logits(views, tau, negative_weights, gather_distributed, check_finite)
+        if negative_weights is None:
+            parts: _ViewParts | _ViewLogits = _view_parts(
+                views, tau, gather_distributed, check_finite
+            )
+        else:
+            parts = _view_logits(views, tau, negative_weights, gather_distributed, check_finite)
         lse = parts.negative_lse  # (V, N)
         attraction = _mean_over_positives(parts.positive)
         if include_positive:
@@ -611,7 +718,7 @@ def contrastive_components(
     gather_distributed = _check_bool(gather_distributed, "gather_distributed")
     device = views.device if isinstance(views, Tensor) else _first_device(views)
     with _autocast_off(device):
-        parts = _view_logits(views, tau, None, gather_distributed, check_finite)
+        parts = _view_parts(views, tau, gather_distributed, check_finite)
         positive = _mean_over_positives(parts.positive)
         negative_lse = parts.negative_lse.reshape(-1)
         gap = F.softplus(positive - negative_lse) if parts.positive.shape[0] == 2 else None

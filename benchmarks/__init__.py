@@ -1,0 +1,1 @@
+"""Performance benchmarks of ``cl_lib`` against peer libraries (see ``benchmarks/README.md``)."""
