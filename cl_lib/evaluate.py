@@ -12,7 +12,6 @@ Everything is device-agnostic: computations run where the inputs (or ``device``)
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cl_lib.runtime import autocast_off
 
 Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]  # (x, generator) -> views
 
@@ -81,14 +82,6 @@ def _check_same_dim(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
         raise ValueError(
             f"{b_name} must have feature dimension {a.shape[-1]} like {a_name}, got {b.shape[-1]}"
         )
-
-
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Switch off an enclosing autocast on ``device``: evaluation maths runs in float32."""
-    try:
-        return torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- features
@@ -255,7 +248,7 @@ def knn_classify(
     dev = train_features.device
     bank = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(dev, torch.int64)
-    with _full_precision(dev):
+    with autocast_off(dev):
         out = [
             _knn_chunk(bank, labels, test_features[i : i + chunk_size], k, temperature, num_classes)
             for i in range(0, test_features.shape[0], chunk_size)
@@ -319,7 +312,7 @@ def linear_probe(
     dev = torch.device(device) if device is not None else train_features.device
     x_train = train_features.to(dev, torch.float32)
     mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
-    with _full_precision(dev), torch.enable_grad():
+    with autocast_off(dev), torch.enable_grad():
         clf = _fit_linear(
             (x_train - mean) / std,
             train_labels.to(dev, torch.int64),
@@ -330,7 +323,7 @@ def linear_probe(
             batch_size=batch_size,
             seed=seed,
         )
-    with _full_precision(dev), torch.no_grad():
+    with autocast_off(dev), torch.no_grad():
         pred = clf((test_features.to(dev, torch.float32) - mean) / std).argmax(dim=1)
         return (pred == test_labels.to(dev, torch.int64)).float().mean().item()
 
@@ -433,7 +426,7 @@ def positive_rank(anchors: Tensor, positives: Tensor) -> Tensor:
             f"positives must have the shape of anchors {tuple(anchors.shape)}, "
             f"got {tuple(positives.shape)}"
         )
-    with _full_precision(anchors.device):
+    with autocast_off(anchors.device):
         a = F.normalize(anchors.float(), dim=1)
         p = F.normalize(positives.float(), dim=1)
         sim = a @ p.T

@@ -24,14 +24,15 @@ the ``V - 1`` positives; ``include_positive=True`` puts the positive in the deno
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cl_lib.runtime import autocast_off
 
 __all__ = [
     "ContrastiveForces",
@@ -83,17 +84,6 @@ def _check_bool(value: bool, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
     return value
-
-
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device`` (a no-op where autocast is unsupported)."""
-    try:
-        ctx = torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
 
 
 def _stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
@@ -209,7 +199,7 @@ def contrastive_forces(
     num_views, batch, dim = stacked.shape
     rows = num_views * batch
     dtype = torch.float64 if stacked.dtype == torch.float64 else torch.float32
-    with _autocast_off(stacked.device):
+    with autocast_off(stacked.device):
         z = F.normalize(stacked.reshape(rows, dim).to(dtype), dim=-1)
         instance = torch.arange(rows, device=z.device) % batch
         same_instance = instance.unsqueeze(1) == instance.unsqueeze(0)

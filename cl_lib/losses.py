@@ -61,11 +61,10 @@ gradients are averaged over ranks (DDP). Every rank must have the same batch siz
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_lib import distributed as cl_dist
+from cl_lib.runtime import autocast_off
 
 __all__ = [
     "BalancedContrastiveLoss",
@@ -239,17 +239,6 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    """Disable autocast for ``device`` (a no-op where autocast is not supported)."""
-    try:
-        ctx = torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
-
-
 def _normalise(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Upcast to ``dtype`` and L2-normalise along the last dimension."""
     return F.normalize(x.to(dtype), dim=-1)
@@ -277,7 +266,7 @@ def smooth_max(scores: Tensor, temperature: float, dim: int = -1) -> Tensor:
     if not -scores.dim() <= dim < scores.dim():
         raise ValueError(f"dim must be in [-{scores.dim()}, {scores.dim()}), got {dim}")
     tau = _check_positive(temperature, "temperature")
-    with _autocast_off(scores.device):
+    with autocast_off(scores.device):
         x = scores.to(_compute_dtype(scores))
         return tau * torch.logsumexp(x / tau, dim=dim)
 
@@ -312,7 +301,7 @@ def class_prototypes(
     empty = (counts == 0).nonzero().flatten()
     if empty.numel() > 0:
         raise ValueError(f"labels: classes {empty.tolist()} have no sample, cannot average")
-    with _autocast_off(embeddings.device):
+    with autocast_off(embeddings.device):
         z = _normalise(embeddings, _compute_dtype(embeddings))
         sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device)
         sums = sums.index_add(0, labels.long(), z)
@@ -359,7 +348,7 @@ def supervised_prototype_loss(
     _check_finite(embeddings, "embeddings", check_finite)
     _check_finite(prototypes, "prototypes", check_finite)
     _check_labels(labels, batch, embeddings.device, check_finite, num_classes)
-    with _autocast_off(embeddings.device):
+    with autocast_off(embeddings.device):
         dtype = _compute_dtype(embeddings, prototypes)
         scores = _normalise(embeddings, dtype) @ prototypes.to(dtype).T  # (B, C)
         target = labels.long().unsqueeze(1)
@@ -609,7 +598,7 @@ def balanced_contrastive_loss(
     gather_distributed = _check_bool(gather_distributed, "gather_distributed")
     reduction = _check_reduction(reduction)
     device = views.device if isinstance(views, Tensor) else _first_device(views)
-    with _autocast_off(device):
+    with autocast_off(device):
         if negative_weights is None:
             parts: _ViewParts | _ViewLogits = _view_parts(
                 views, tau, gather_distributed, check_finite
@@ -717,7 +706,7 @@ def contrastive_components(
     tau = _check_positive(temperature, "temperature")
     gather_distributed = _check_bool(gather_distributed, "gather_distributed")
     device = views.device if isinstance(views, Tensor) else _first_device(views)
-    with _autocast_off(device):
+    with autocast_off(device):
         parts = _view_parts(views, tau, gather_distributed, check_finite)
         positive = _mean_over_positives(parts.positive)
         negative_lse = parts.negative_lse.reshape(-1)
@@ -746,7 +735,7 @@ def debiased_contrastive_loss(
     gather_distributed = _check_bool(gather_distributed, "gather_distributed")
     reduction = _check_reduction(reduction)
     device = views.device if isinstance(views, Tensor) else _first_device(views)
-    with _autocast_off(device):
+    with autocast_off(device):
         parts = _view_logits(views, tau, None, gather_distributed, check_finite)
         if parts.positive.shape[0] != 2:
             raise ValueError(
@@ -798,7 +787,7 @@ def supcon_loss(
     reduction = _check_reduction(reduction)
     _check_finite(embeddings, "embeddings", check_finite)
     _check_labels(labels, embeddings.shape[0], embeddings.device, check_finite)
-    with _autocast_off(embeddings.device):
+    with autocast_off(embeddings.device):
         z = _normalise(embeddings, _compute_dtype(embeddings))
         gather = gather_distributed and cl_dist.is_distributed()
         candidates = cl_dist.all_gather_with_grad(z) if gather else z

@@ -11,6 +11,7 @@ is full exactly when CUDA is available.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -70,3 +71,14 @@ def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm:
     """A tqdm progress bar; ``TQDM_DISABLE=1`` (set under test) turns it off."""
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch off an enclosing ``torch.autocast`` on ``device`` (no-op where unsupported).
+
+    Losses and evaluation use it to compute in float32 under mixed precision.
+    """
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()

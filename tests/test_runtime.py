@@ -60,3 +60,11 @@ def test_progress_respects_tqdm_disable(monkeypatch):
     bar = runtime.progress(range(3))
     assert bar.disable
     assert list(bar) == [0, 1, 2]
+
+
+def test_autocast_off_restores_float32_inside_autocast():
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with runtime.autocast_off(a.device):
+            assert (a @ a).dtype == torch.float32
