@@ -18,30 +18,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from cl_lib.provenance import REPO_ROOT, cpu_model, git_state
+
+ROOT = REPO_ROOT
 SCHEMA_VERSION = 1
-
-
-def _git(*args: str) -> str | None:
-    """Output of a git command in the repository root, or None when git is unavailable."""
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(module: str) -> str | None:
@@ -61,10 +41,10 @@ def device_description(device: torch.device) -> str:
 
 def provenance(argv: Sequence[str], device: torch.device) -> dict[str, Any]:
     """Where and how the numbers were produced (commit, versions, machine, command)."""
-    status = _git("status", "--porcelain")
+    commit, dirty = git_state()
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in argv),
         "python": platform.python_version(),

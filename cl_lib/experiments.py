@@ -4,7 +4,7 @@ An :class:`Experiment` is a base config (a YAML file plus overrides, one set per
 list of *cells* (each a dict of ``key.sub -> value`` overrides) and seeds. :func:`run_experiment`
 pre-trains every (cell, seed) with :func:`cl_lib.train.pretrain` in its own folder
 (``runs/<name>/<cell>-s<seed>/``), evaluates it (:func:`evaluate_run`) and, after every finished
-run, atomically rewrites ``results/<name>.json`` (:data:`SCHEMA_VERSION`): the grid, every run
+run, atomically rewrites ``results/<name>.json`` (``SCHEMA_VERSION``): the grid, every run
 (cell, seed, full config, config hash, metrics, per-epoch history, wall time) and provenance
 (git commit, dates, torch version, device, CPU / GPU, threads, command line).
 
@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_lib import runtime
+from cl_lib.provenance import REPO_ROOT, cpu_model, git_state
 
 __all__ = [
     "EXPERIMENTS",
@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Keys that do not change what a run computes (left out of the config hash).
 _HASH_IGNORED = ("out_dir", "device", "checkpoint_every")
 
@@ -370,37 +369,19 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
 # =========================================================================== provenance
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def provenance(device: str = "auto") -> dict[str, Any]:
     """Where and how an experiment ran: git, dates, versions, hardware, command line."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = git_state()
     cuda = torch.cuda.is_available()
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "start": _now(),
         "end": None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": ("cuda" if cuda else "cpu") if device == "auto" else device,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "threads": torch.get_num_threads(),
