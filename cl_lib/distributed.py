@@ -69,15 +69,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[start : start + rows]
 
 
+def _check_gatherable(tensor: Tensor) -> None:
+    """Raise ValueError unless ``tensor`` is a tensor with a dim 0 to gather along."""
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() == 0:
+        raise ValueError("tensor must have at least one dimension to gather along dim 0")
+
+
 def all_gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` of every rank along dim 0, differentiably (no-op on one process).
 
     All ranks must pass the same shape. See the module docstring for the gradient convention.
     """
-    if not isinstance(tensor, Tensor):
-        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() == 0:
-        raise ValueError("tensor must have at least one dimension to gather along dim 0")
+    _check_gatherable(tensor)
     if not is_distributed():
         return tensor
     return _AllGatherWithGrad.apply(tensor)
@@ -85,10 +90,7 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
 
 def all_gather_no_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` of every rank along dim 0 without gradient (labels, weights)."""
-    if not isinstance(tensor, Tensor):
-        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() == 0:
-        raise ValueError("tensor must have at least one dimension to gather along dim 0")
+    _check_gatherable(tensor)
     if not is_distributed():
         return tensor
     tensor = tensor.detach().contiguous()

@@ -24,7 +24,6 @@ the ``V - 1`` positives; ``include_positive=True`` puts the positive in the deno
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_lib.losses import _as_views, _check_bool, _check_positive
 from cl_lib.runtime import autocast_off
 
 __all__ = [
@@ -68,49 +68,6 @@ class ContrastiveForces:
     def gradient(self) -> Tensor:
         """The full per-anchor gradient ``attraction + repulsion``, shape (V*N, D)."""
         return self.attraction + self.repulsion
-
-
-def _check_positive(value: float, name: str) -> float:
-    """Return ``value`` as a float if it is a finite real number > 0, else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a finite number > 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_bool(value: bool, name: str) -> bool:
-    """Return ``value`` if it is a bool, else raise ValueError."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _stack_views(views: Tensor | Sequence[Tensor]) -> Tensor:
-    """Validate ``views`` and return one floating (V, N, D) tensor with V >= 2, N >= 2."""
-    if isinstance(views, Tensor):
-        stacked = views
-    elif isinstance(views, Sequence) and not isinstance(views, (str, bytes)) and len(views) > 0:
-        if not all(isinstance(v, Tensor) and v.dim() == 2 for v in views):
-            raise ValueError("views must be a (V, N, D) tensor or a sequence of (N, D) tensors")
-        if len({(v.shape, v.dtype, v.device) for v in views}) != 1:
-            raise ValueError("views must share one shape (N, D), dtype and device")
-        stacked = torch.stack(list(views))
-    else:
-        raise ValueError(
-            f"views must be a (V, N, D) tensor or a sequence of (N, D) tensors, "
-            f"got {type(views).__name__}"
-        )
-    if stacked.dim() != 3:
-        raise ValueError(f"views must have shape (V, N, D), got {tuple(stacked.shape)}")
-    if not stacked.is_floating_point():
-        raise ValueError(f"views must be a floating-point tensor, got dtype {stacked.dtype}")
-    num_views, batch, dim = stacked.shape
-    if num_views < 2 or batch < 2 or dim < 1:
-        raise ValueError(
-            f"views need V >= 2 views of N >= 2 instances with D >= 1, got {tuple(stacked.shape)}"
-        )
-    return stacked
 
 
 def _log_weights(negative_weights: Tensor, rows: int, z: Tensor) -> Tensor:
@@ -195,7 +152,7 @@ def contrastive_forces(
     lam = _check_positive(lam, "lam")
     include_positive = _check_bool(include_positive, "include_positive")
     tangent = _check_bool(tangent, "tangent")
-    stacked = _stack_views(views)
+    stacked = _as_views(views, check_finite=None)
     num_views, batch, dim = stacked.shape
     rows = num_views * batch
     dtype = torch.float64 if stacked.dtype == torch.float64 else torch.float32
@@ -227,7 +184,7 @@ def anchor_gradients(loss_fn: Callable[[Tensor], Tensor], views: Tensor) -> Tens
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    stacked = _stack_views(views)
+    stacked = _as_views(views, check_finite=None)
     num_views, batch, dim = stacked.shape
     rows = num_views * batch
     inputs = stacked.detach().clone().requires_grad_(True)
