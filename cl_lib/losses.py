@@ -885,32 +885,21 @@ class BalancedContrastiveLoss(nn.Module):
         )
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(BalancedContrastiveLoss):
     """Module form of :func:`nt_xent_loss`: ``forward(views, labels=None)``, labels ignored."""
 
     def __init__(
         self, temperature: float = 0.5, gather_distributed: bool = False, reduction: str = "mean"
     ) -> None:
-        super().__init__()
-        self.temperature = _check_positive(temperature, "temperature")
-        self.gather_distributed = _check_bool(gather_distributed, "gather_distributed")
-        self.reduction = _check_reduction(reduction)
-
-    def forward(self, views: Views, labels: Tensor | None = None) -> Tensor:
-        """NT-Xent of a batch of views."""
-        return nt_xent_loss(
-            views,
-            temperature=self.temperature,
-            gather_distributed=self.gather_distributed,
-            reduction=self.reduction,
+        super().__init__(
+            temperature,
+            include_positive=True,
+            gather_distributed=gather_distributed,
+            reduction=reduction,
         )
 
-    def extra_repr(self) -> str:
-        """Hyper-parameters shown by ``print(module)``."""
-        return f"temperature={self.temperature}"
 
-
-class DecoupledContrastiveLoss(nn.Module):
+class DecoupledContrastiveLoss(BalancedContrastiveLoss):
     """Module form of :func:`decoupled_contrastive_loss`: ``forward(views, labels=None)``."""
 
     def __init__(
@@ -920,25 +909,9 @@ class DecoupledContrastiveLoss(nn.Module):
         gather_distributed: bool = False,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        self.temperature = _check_positive(temperature, "temperature")
-        self.lam = _check_positive(lam, "lam")
-        self.gather_distributed = _check_bool(gather_distributed, "gather_distributed")
-        self.reduction = _check_reduction(reduction)
-
-    def forward(self, views: Views, labels: Tensor | None = None) -> Tensor:
-        """Derived (decoupled) loss of a batch of views; labels ignored."""
-        return decoupled_contrastive_loss(
-            views,
-            temperature=self.temperature,
-            lam=self.lam,
-            gather_distributed=self.gather_distributed,
-            reduction=self.reduction,
+        super().__init__(
+            temperature, lam=lam, gather_distributed=gather_distributed, reduction=reduction
         )
-
-    def extra_repr(self) -> str:
-        """Hyper-parameters shown by ``print(module)``."""
-        return f"temperature={self.temperature}, lam={self.lam}"
 
 
 class DebiasedContrastiveLoss(nn.Module):
