@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ __all__ = [
     "provenance",
     "run_experiment",
     "run_experiment_cli",
+    "load_stored",
+    "print_provenance",
+    "print_table",
     "run_metric",
     "summarise",
 ]
@@ -603,6 +607,64 @@ def summarise(results: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
 def run_metric(run: Mapping[str, Any], metric: str) -> Any:
     """The value of ``metric`` (a key or dotted path such as ``bias.h.bias``) of one stored run."""
     return _lookup(run["metrics"], metric)
+
+
+# =========================================================================== reading results
+
+RESULTS_URL = "https://raw.githubusercontent.com/cl-book/contrastive-learning-book/main/results"
+"""Web copy of the repository's ``results/`` (used on a fresh runtime such as Colab)."""
+
+
+def load_stored(name: str) -> dict[str, Any]:
+    """Stored ``results/NAME.json``: from the repository when present, else from its web copy."""
+    for folder in (REPO_ROOT / "results", Path("results"), Path("../results")):
+        if (folder / f"{name}.json").exists():
+            return load_results(folder / f"{name}.json")
+    target = Path(tempfile.gettempdir()) / f"{name}.json"
+    urllib.request.urlretrieve(f"{RESULTS_URL}/{name}.json", target)  # fresh runtime (Colab)
+    return load_results(target)
+
+
+def print_provenance(results: Mapping[str, Any]) -> None:
+    """Print where and how the stored runs of an experiment were made."""
+    prov, runs = results["provenance"], results["runs"]
+    commit = (prov["git_commit"] or "unknown")[:10] + (
+        " (uncommitted changes)" if prov["git_dirty"] else ""
+    )
+    print(f"experiment {results['experiment']!r}, profile {results['profile']}: {len(runs)} runs")
+    overrides = {}
+    for item in results["grid"]["profile_overrides"]:  # later entries win, as in the runner
+        key, value = item.split("=", 1)
+        overrides.pop(key, None)
+        overrides[key] = value
+    settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    print(f"  base config {results['grid']['base_config']} with {settings}")
+    machine = f"{prov['device']} ({prov['cpu']}), {prov['threads']} thread(s)"
+    print(f"  code {commit}; torch {prov['torch']} on {machine}")
+    total = sum(r["wall_time_s"] for r in runs)
+    per_run = total / max(len(runs), 1)
+    print(f"  {total / 60:.0f} min of run time in all, {per_run:.0f} s per run on average")
+
+
+def print_table(
+    results: Mapping[str, Any], metrics: Mapping[str, str], scale: Mapping[str, float] | None = None
+) -> None:
+    """Print per cell: mean +- std over seeds, median, runs and collapsed runs of each metric."""
+    scale = scale or {}
+    width = max(len(c["cell"]) for c in results["grid"]["cells"]) + 2
+    header = f"{'cell':<{width}}{'n':>3}{'collapsed':>10}"
+    for label in metrics:
+        header += f"  {label + ' mean+-std (median)':>34}"
+    print(header)
+    rows = {label: summarise(results, key) for label, key in metrics.items()}
+    first = next(iter(rows.values()))
+    for i, row in enumerate(first):
+        line = f"{row['cell']:<{width}}{row['n']:>3}{row['collapsed']:>10}"
+        for label, cells in rows.items():
+            c, f = cells[i], scale.get(label, 1.0)
+            std = "  n/a" if c["n"] < 2 else f"{f * c['std']:5.3g}"
+            line += f"  {f * c['mean']:>14.3g} +- {std:>6} ({f * c['median']:.3g})"
+        print(line)
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:

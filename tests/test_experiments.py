@@ -286,3 +286,14 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
         results["failures"][0]["cell"] == "lam=1.0"
         and "non-finite" in results["failures"][0]["error"]
     )
+
+
+def test_stored_results_load_and_print(capsys):
+    results = ex.load_stored("long_tailed")
+    assert results["experiment"] == "long_tailed" and results["runs"]
+    ex.print_provenance(results)
+    ex.print_table(results, {"kNN %": "knn_acc"}, scale={"kNN %": 100.0})
+    out = capsys.readouterr().out
+    assert f"{len(results['runs'])} runs" in out
+    for cell in results["grid"]["cells"]:
+        assert cell["cell"] in out
