@@ -53,6 +53,7 @@ __all__ = [
     "load_results",
     "main",
     "measure_bias",
+    "measure_loss_gap",
     "provenance",
     "run_experiment",
     "run_experiment_cli",
@@ -232,6 +233,73 @@ EXPERIMENTS: dict[str, Experiment] = {
             tail_classes=(7, 8, 9),
             notes="Tail classes: the three rarest (7, 8, 9).",
         ),
+        Experiment(
+            name="temperature",
+            description=(
+                "E (chapter 5): NT-Xent at temperatures tau in {0.05, 0.1, 0.2, 0.5, 1}: kNN and "
+                "linear-probe accuracy, alignment and uniformity against tau (the sharpness of "
+                "the smooth max)."
+            ),
+            cells=tuple({"loss.temperature": t} for t in (0.05, 0.1, 0.2, 0.5, 1.0)),
+            quick_overrides=_QUICK,
+            full_overrides=_FULL_SHAPES,
+            seeds=(0, 1, 2),
+            full_seeds=(0, 1, 2),
+        ),
+        Experiment(
+            name="normalisation",
+            description=(
+                "F (chapter 5): NT-Xent and the derived loss (balanced, alpha = lambda = 1) on "
+                "cosine similarities (normalize=1) and on raw dot products (normalize=0), "
+                "tau 0.2."
+            ),
+            cells=(
+                {"loss.name": "nt_xent", "loss.normalize": True},
+                {"loss.name": "nt_xent", "loss.normalize": False},
+                {**_balanced(1.0, 1.0), "loss.normalize": True},
+                {**_balanced(1.0, 1.0), "loss.normalize": False},
+            ),
+            quick_overrides=_QUICK,
+            full_overrides=_FULL_SHAPES,
+            seeds=(0, 1, 2),
+            full_seeds=(0, 1, 2),
+            notes="A run that stops on a non-finite loss is recorded under 'failures'.",
+        ),
+        Experiment(
+            name="batch_size",
+            description=(
+                "G (chapter 5): NT-Xent against the derived loss (balanced, alpha = lambda = 1, "
+                "positive left out of the denominator) at batch sizes 16, 64 and 256 (2N - 2 "
+                "negatives per anchor), the same number of epochs."
+            ),
+            cells=tuple(
+                {"optim.batch_size": b, **loss}
+                for b in (16, 64, 256)
+                for loss in ({"loss.name": "nt_xent"}, _balanced(1.0, 1.0))
+            ),
+            quick_overrides=_QUICK,
+            full_overrides=_FULL_SHAPES,
+            seeds=(0, 1, 2),
+            full_seeds=(0, 1, 2),
+            notes=(
+                "Fixed epochs, as in SimCLR's batch-size study: a larger batch takes fewer, "
+                "larger steps (quick: 1625, 403 and 91 steps), so compare the two losses at "
+                "each batch size rather than across batch sizes."
+            ),
+        ),
+        Experiment(
+            name="projection_head",
+            description=(
+                "H (chapter 5): no projection head, a linear head and a 2-layer MLP head; kNN "
+                "and linear-probe accuracy on the representation h (before the head) and on "
+                "the projection z (after it)."
+            ),
+            cells=tuple({"model.head_layers": n} for n in (0, 1, 2)),
+            quick_overrides=_QUICK,
+            full_overrides=_FULL_SHAPES,
+            seeds=(0, 1, 2),
+            full_seeds=(0, 1, 2),
+        ),
     )
 }
 
@@ -312,12 +380,48 @@ def measure_bias(
     return out
 
 
+@torch.no_grad()
+def measure_loss_gap(
+    model: nn.Module,
+    images: Tensor,
+    augment: Callable,
+    *,
+    temperature: float,
+    batch_sizes: Sequence[int] = (16, 64, 256),
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean NT-Xent minus derived loss, ``log(1 + exp(s_ip/tau) / sum_k exp(s_ik/tau))``.
+
+    Two augmented views of ``images`` are embedded once; the gap is averaged over every anchor
+    of consecutive batches of each size (the batches' negatives only). Keys: batch sizes.
+    """
+    from cl_lib.losses import contrastive_components
+
+    sizes = [b for b in batch_sizes if 2 <= b <= images.shape[0]]
+    if not sizes:
+        raise ValueError(
+            f"batch_sizes must hold a size in [2, {images.shape[0]}], got {list(batch_sizes)}"
+        )
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(30_000 + seed)
+    z = torch.stack([_embed_both(model, images, augment, gen)[1] for _ in range(2)])
+    out = {}
+    for b in sizes:
+        usable = (z.shape[1] // b) * b
+        views = z[:, :usable].reshape(2, usable // b, b, -1).transpose(0, 1)  # (batches, 2, b, D)
+        gaps = [contrastive_components(v, temperature=temperature).nt_xent_gap for v in views]
+        out[str(b)] = float(torch.cat(gaps).mean())
+    return out
+
+
 def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -> dict[str, Any]:
     """Metrics of a finished :func:`cl_lib.train.pretrain` run (its ``TrainResult``).
 
     kNN (weighted, the run's k and temperature; clean training images as the memory bank, the
-    test split as queries) with per-class accuracy, a linear probe, the final alignment and
-    uniformity of the training loop, collapse flags and, with ``bias``, :func:`measure_bias`.
+    test split as queries) with per-class accuracy, a linear probe, the same two on the
+    projection ``z`` (``*_head``), the final alignment and uniformity of the training loop, the
+    NT-Xent gap (:func:`measure_loss_gap`), collapse flags and, with ``bias``,
+    :func:`measure_bias`.
     """
     from cl_lib.augment import make_augment
     from cl_lib.data import load_dataset
@@ -343,10 +447,22 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
     last = result.history[-1] if result.history else {}
     summary = result.summary
     knn = float(correct.mean())
+    bank_z = extract_features(model, train.images, device=dev, use_projection=True)
+    query_z = extract_features(model, test.images, device=dev, use_projection=True)
+    pred_z = knn_classify(
+        bank_z, train.labels, query_z, k=k, temperature=cfg.knn_temperature, num_classes=classes
+    )
+    size = int(train.images.shape[-1])
+    augment = make_augment(cfg.augment.name, size, cfg.augment.strength)
     metrics: dict[str, Any] = {
         "knn_acc": knn,
         "knn_per_class": per_class.tolist(),
         "linear_acc": linear_probe(bank, train.labels, query, test.labels, seed=cfg.seed),
+        "knn_acc_head": float((pred_z == test.labels).float().mean()),
+        "linear_acc_head": linear_probe(bank_z, train.labels, query_z, test.labels, seed=cfg.seed),
+        "loss_gap": measure_loss_gap(
+            model, test.images, augment, temperature=cfg.loss.temperature, seed=cfg.seed
+        ),
         "alignment": last.get("alignment"),
         "uniformity": last.get("uniformity"),
         "final_loss": last.get("loss"),
@@ -364,8 +480,6 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
         metrics["knn_tail"] = float(per_class[tail].mean())
         metrics["knn_head"] = float(per_class[head].mean())
     if bias:
-        size = int(train.images.shape[-1])
-        augment = make_augment(cfg.augment.name, size, cfg.augment.strength)
         metrics["bias"] = measure_bias(model, augment, seed=cfg.seed, image_size=size)
     return metrics
 

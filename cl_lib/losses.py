@@ -244,6 +244,11 @@ def _normalise(x: Tensor, dtype: torch.dtype) -> Tensor:
     return F.normalize(x.to(dtype), dim=-1)
 
 
+def _embed(x: Tensor, dtype: torch.dtype, normalize: bool) -> Tensor:
+    """Upcast to ``dtype``; L2-normalise unless ``normalize`` is False (raw dot products)."""
+    return _normalise(x, dtype) if normalize else x.to(dtype)
+
+
 def _reduce(per_item: Tensor, reduction: str) -> Tensor:
     """Apply "mean", "sum" or "none" to a 1-D tensor of per-item losses."""
     if reduction == "mean":
@@ -439,6 +444,7 @@ def _view_logits(
     negative_weights: Tensor | None,
     gather_distributed: bool,
     check_finite: bool | None,
+    normalize: bool = True,
 ) -> _ViewLogits:
     """Normalise the views, (optionally) gather them over ranks and build the masked logits.
 
@@ -446,7 +452,7 @@ def _view_logits(
     """
     x = _as_views(views, check_finite)
     num_views, batch, _ = x.shape
-    z = _normalise(x, _compute_dtype(x))  # (V, N, D)
+    z = _embed(x, _compute_dtype(x), normalize)  # (V, N, D)
     gather = bool(gather_distributed) and cl_dist.is_distributed()
     offset = cl_dist.rank() * batch if gather else 0
     candidates = cl_dist.gather_along_dim(z, 1) if gather else z  # (V, M, D)
@@ -493,10 +499,11 @@ class _NegativeLogSumExp(torch.autograd.Function):
         inv_tau: float,
         masked_rows: Tensor,
         masked_cols: Tensor,
+        bounded: bool,
     ) -> Tensor:
-        """Row-wise masked log-sum-exp, shape (A,)."""
+        """Row-wise masked log-sum-exp, shape (A,); ``bounded``: unit-norm inputs."""
         weights = torch.mm(anchors * inv_tau, candidates.T)
-        if inv_tau <= _MAX_UNSHIFTED_INV_TAU:
+        if bounded and inv_tau <= _MAX_UNSHIFTED_INV_TAU:
             shift = None
         else:
             weights.index_put_((masked_rows, masked_cols), weights.new_tensor(float("-inf")))
@@ -523,7 +530,7 @@ class _NegativeLogSumExp(torch.autograd.Function):
             grad_anchors = torch.mm(weights, candidates).mul_(coef)
         if ctx.needs_input_grad[1]:
             grad_candidates = torch.mm(weights.T, anchors * coef)
-        return grad_anchors, grad_candidates, None, None, None
+        return grad_anchors, grad_candidates, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -536,7 +543,11 @@ class _ViewParts:
 
 
 def _view_parts(
-    views: Views, temperature: float, gather_distributed: bool, check_finite: bool | None
+    views: Views,
+    temperature: float,
+    gather_distributed: bool,
+    check_finite: bool | None,
+    normalize: bool = True,
 ) -> _ViewParts:
     """Unweighted :class:`_ViewParts` through :class:`_NegativeLogSumExp`.
 
@@ -544,7 +555,7 @@ def _view_parts(
     """
     x = _as_views(views, check_finite)
     num_views, batch, dim = x.shape
-    z = _normalise(x, _compute_dtype(x))  # (V, N, D)
+    z = _embed(x, _compute_dtype(x), normalize)  # (V, N, D)
     gather = bool(gather_distributed) and cl_dist.is_distributed()
     offset = cl_dist.rank() * batch if gather else 0
     candidates = cl_dist.gather_along_dim(z, 1) if gather else z  # (V, M, D)
@@ -561,6 +572,7 @@ def _view_parts(
         1.0 / temperature,
         rows.repeat_interleave(num_views),
         cols.reshape(-1),
+        normalize,
     )
     return _ViewParts(positive, lse.reshape(num_views, batch), num_views * (total - 1))
 
@@ -576,6 +588,7 @@ def balanced_contrastive_loss(
     gather_distributed: bool = False,
     reduction: str = "mean",
     check_finite: bool | None = None,
+    normalize: bool = True,
 ) -> Tensor:
     """Balanced contrastive loss (chapter 4), per anchor ``i`` and positive ``p``:
 
@@ -590,8 +603,11 @@ def balanced_contrastive_loss(
     log-weights added to the logits. Gradient w.r.t. the normalised anchor:
     ``(-alpha * z_p + lam * sum_k p_ik z_k) / tau`` (``p_ik`` the softmax weights of ``D``).
     ``reduction="none"`` returns the ``(V*N,)`` per-anchor losses (view-major).
+    ``normalize=False`` scores raw dot products instead of cosines (chapter 5 shows what breaks;
+    the loss is then unbounded below unless the positive stays in the denominator).
     """
     tau = _check_positive(temperature, "temperature")
+    normalize = _check_bool(normalize, "normalize")
     alpha = _check_positive(alpha, "alpha")
     lam = _check_positive(lam, "lam")
     include_positive = _check_bool(include_positive, "include_positive")
@@ -601,10 +617,12 @@ def balanced_contrastive_loss(
     with autocast_off(device):
         if negative_weights is None:
             parts: _ViewParts | _ViewLogits = _view_parts(
-                views, tau, gather_distributed, check_finite
+                views, tau, gather_distributed, check_finite, normalize
             )
         else:
-            parts = _view_logits(views, tau, negative_weights, gather_distributed, check_finite)
+            parts = _view_logits(
+                views, tau, negative_weights, gather_distributed, check_finite, normalize
+            )
         lse = parts.negative_lse  # (V, N)
         attraction = _mean_over_positives(parts.positive)
         if include_positive:
@@ -628,6 +646,7 @@ def nt_xent_loss(
     gather_distributed: bool = False,
     reduction: str = "mean",
     check_finite: bool | None = None,
+    normalize: bool = True,
 ) -> Tensor:
     """NT-Xent / InfoNCE (SimCLR): the balanced loss with ``alpha = lam = 1``, positive kept.
 
@@ -640,6 +659,7 @@ def nt_xent_loss(
         gather_distributed=gather_distributed,
         reduction=reduction,
         check_finite=check_finite,
+        normalize=normalize,
     )
 
 
@@ -651,6 +671,7 @@ def decoupled_contrastive_loss(
     gather_distributed: bool = False,
     reduction: str = "mean",
     check_finite: bool | None = None,
+    normalize: bool = True,
 ) -> Tensor:
     """The loss derived in chapter 2: ``-s_ip/tau + lam * log sum_{k in N(i)} exp(s_ik/tau)``.
 
@@ -665,6 +686,7 @@ def decoupled_contrastive_loss(
         gather_distributed=gather_distributed,
         reduction=reduction,
         check_finite=check_finite,
+        normalize=normalize,
     )
 
 
@@ -836,9 +858,11 @@ class BalancedContrastiveLoss(nn.Module):
         class_weights: Tensor | None = None,
         gather_distributed: bool = False,
         reduction: str = "mean",
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.temperature = _check_positive(temperature, "temperature")
+        self.normalize = _check_bool(normalize, "normalize")
         self.alpha = _check_positive(alpha, "alpha")
         self.lam = _check_positive(lam, "lam")
         self.include_positive = _check_bool(include_positive, "include_positive")
@@ -874,6 +898,7 @@ class BalancedContrastiveLoss(nn.Module):
             include_positive=self.include_positive,
             gather_distributed=self.gather_distributed,
             reduction=self.reduction,
+            normalize=self.normalize,
         )
 
     def extra_repr(self) -> str:
@@ -881,7 +906,7 @@ class BalancedContrastiveLoss(nn.Module):
         return (
             f"temperature={self.temperature}, alpha={self.alpha}, lam={self.lam}, "
             f"include_positive={self.include_positive}, "
-            f"class_weights={self.class_weights is not None}"
+            f"class_weights={self.class_weights is not None}, normalize={self.normalize}"
         )
 
 
@@ -889,13 +914,18 @@ class NTXentLoss(BalancedContrastiveLoss):
     """Module form of :func:`nt_xent_loss`: ``forward(views, labels=None)``, labels ignored."""
 
     def __init__(
-        self, temperature: float = 0.5, gather_distributed: bool = False, reduction: str = "mean"
+        self,
+        temperature: float = 0.5,
+        gather_distributed: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
     ) -> None:
         super().__init__(
             temperature,
             include_positive=True,
             gather_distributed=gather_distributed,
             reduction=reduction,
+            normalize=normalize,
         )
 
 
@@ -908,9 +938,14 @@ class DecoupledContrastiveLoss(BalancedContrastiveLoss):
         lam: float = 1.0,
         gather_distributed: bool = False,
         reduction: str = "mean",
+        normalize: bool = True,
     ) -> None:
         super().__init__(
-            temperature, lam=lam, gather_distributed=gather_distributed, reduction=reduction
+            temperature,
+            lam=lam,
+            gather_distributed=gather_distributed,
+            reduction=reduction,
+            normalize=normalize,
         )
 
 

@@ -162,6 +162,7 @@ class LossConfig:
     include_positive: bool | None = None
     tau_plus: float | None = None
     class_balanced: bool = False  # negatives weighted by inverse class frequency ("balanced")
+    normalize: bool = True  # False: raw dot products (nt_xent, decoupled, balanced; chapter 5)
 
     def __post_init__(self) -> None:
         """Check value ranges."""
@@ -753,6 +754,8 @@ def _loss_kwargs(cfg: LossConfig, class_weights: Tensor | None, gather: bool) ->
         value = getattr(cfg, key)
         if value is not None:
             kwargs[key] = value
+    if not cfg.normalize:
+        kwargs["normalize"] = False
     if class_weights is not None:
         kwargs["class_weights"] = class_weights
     if gather:

@@ -178,6 +178,10 @@ def test_cell_ids_and_registry():
         "debiased_positives",
         "balance_grid",
         "long_tailed",
+        "temperature",
+        "normalisation",
+        "batch_size",
+        "projection_head",
     }
     for exp in ex.EXPERIMENTS.values():
         assert len(exp.seeds) >= 3
