@@ -58,6 +58,8 @@ __all__ = [
     "run_experiment",
     "run_experiment_cli",
     "load_stored",
+    "paired_differences",
+    "print_paired",
     "print_provenance",
     "print_table",
     "run_metric",
@@ -779,6 +781,47 @@ def print_table(
             std = "  n/a" if c["n"] < 2 else f"{f * c['std']:5.3g}"
             line += f"  {f * c['mean']:>14.3g} +- {std:>6} ({f * c['median']:.3g})"
         print(line)
+
+
+def paired_differences(
+    results: Mapping[str, Any], reference: str, metric: str = "knn_acc"
+) -> dict[str, list[float]]:
+    """Per cell: ``metric`` minus the ``reference`` cell's on the same seed (seed order).
+
+    The same seed means the same data, initialisation and augmentation draws, so paired
+    differences remove most of the seed-to-seed spread. Cells without a common seed are left out.
+    """
+    ref = {
+        r["seed"]: _lookup(r["metrics"], metric) for r in results["runs"] if r["cell"] == reference
+    }
+    if not ref:
+        raise ValueError(f"reference must be a cell with runs, got {reference!r}")
+    out: dict[str, list[float]] = {}
+    for cell in results["grid"]["cells"]:
+        if cell["cell"] == reference:
+            continue
+        runs = sorted(
+            (r for r in results["runs"] if r["cell"] == cell["cell"] and r["seed"] in ref),
+            key=lambda r: r["seed"],
+        )
+        if runs:
+            out[cell["cell"]] = [_lookup(r["metrics"], metric) - ref[r["seed"]] for r in runs]
+    return out
+
+
+def print_paired(
+    results: Mapping[str, Any], reference: str, metric: str = "knn_acc", scale: float = 100.0
+) -> None:
+    """Print :func:`paired_differences` (times ``scale``): mean, std and how many seeds gained."""
+    print(f"paired differences to {reference} ({metric} x {scale:g}), seeds present in both cells:")
+    for cell, diffs in paired_differences(results, reference, metric).items():
+        t = scale * torch.tensor(diffs, dtype=torch.float64)
+        sd = f"{float(t.std()):.3g}" if t.numel() > 1 else "n/a"
+        better = int((t > 0).sum())
+        print(
+            f"  {cell:<44} mean {float(t.mean()):+.3g} (std {sd}), "
+            f"better on {better} of {t.numel()} seeds"
+        )
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:

@@ -10,6 +10,7 @@ import torch
 
 import cl_lib.train as train_mod
 from cl_lib import experiments as ex
+from cl_lib import losses as L
 from cl_lib.data import load_dataset
 from cl_lib.models import build_model
 
@@ -73,6 +74,10 @@ def test_smoke_grid_schema_and_provenance(tmp_path):
         m = r["metrics"]
         assert 0.0 <= m["knn_acc"] <= 1.0 and 0.0 <= m["linear_acc"] <= 1.0
         assert 0.0 <= m["alignment"] <= 4.0 and m["uniformity"] <= 0.0
+        assert 0.0 <= m["knn_acc_head"] <= 1.0 and 0.0 <= m["linear_acc_head"] <= 1.0
+        # the gap log(1 + e^{s_ip/tau} / sum_k e^{s_ik/tau}) lies in (0, log(1 + e^{2/tau}))
+        assert list(m["loss_gap"]) == ["16"]  # 32 test images: the larger batches do not fit
+        assert 0.0 < m["loss_gap"]["16"] < math.log1p(math.exp(2 / 0.2))
         assert len(r["history"]) == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
         # the per-class accuracies, weighted by the test counts, give the overall accuracy
         counts = torch.bincount(load_dataset("shapes", "test", size=32).labels, minlength=10)
@@ -231,6 +236,21 @@ def test_summarise_matches_torch_statistics():
         ex.summarise(results, "bias.q")
 
 
+def test_paired_differences_match_seeds_and_skip_missing_ones(capsys):
+    def run(cell: str, seed: int, acc: float) -> dict:
+        return {"cell": cell, "seed": seed, "metrics": {"knn_acc": acc}}
+
+    runs = [run("ref", 0, 0.5), run("ref", 1, 0.6), run("x", 1, 0.7), run("x", 0, 0.4)]
+    runs += [run("y", 2, 0.9)]  # seed 2 has no reference run: left out
+    results = {"grid": {"cells": [{"cell": c} for c in ("ref", "x", "y")]}, "runs": runs}
+    diffs = ex.paired_differences(results, "ref")
+    assert list(diffs) == ["x"] and diffs["x"] == pytest.approx([-0.1, 0.1])
+    ex.print_paired(results, "ref")
+    assert "better on 1 of 2 seeds" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="reference"):
+        ex.paired_differences(results, "nope")
+
+
 def test_measure_bias_without_augmentation_has_no_variance():
     torch.manual_seed(0)
     model = build_model("small_cnn")
@@ -243,6 +263,26 @@ def test_measure_bias_without_augmentation_has_no_variance():
         assert 0.0 <= r["bias"] <= 2.0 and 0.0 < r["prototype_norm"] <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="num_views"):
         ex.measure_bias(model, identity, seed=0, num_views=1)
+
+
+def test_loss_gap_matches_the_losses_and_shrinks_with_the_batch():
+    """measure_loss_gap = NT-Xent - derived per batch, averaged; more negatives, smaller gap."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    images = load_dataset("shapes", "test", size=128, seed=0).images
+    identity = lambda x, generator=None: x  # noqa: E731
+    gaps = ex.measure_loss_gap(model, images, identity, temperature=0.2, batch_sizes=(4, 16, 64))
+    assert list(gaps) == ["4", "16", "64"]
+    assert gaps["4"] > gaps["16"] > gaps["64"] > 0
+    z = ex._embed_both(model, images, None, None)[1]
+    views = torch.stack([z, z]).reshape(2, 8, 16, -1).transpose(0, 1)
+    want = [
+        L.nt_xent_loss(v, temperature=0.2) - L.decoupled_contrastive_loss(v, temperature=0.2)
+        for v in views
+    ]
+    assert gaps["16"] == pytest.approx(float(torch.stack(want).mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        ex.measure_loss_gap(model, images, identity, temperature=0.2, batch_sizes=(1, 500))
 
 
 def test_changed_grid_keeps_stored_cells_with_runs():

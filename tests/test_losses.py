@@ -583,3 +583,78 @@ def test_cuda_matches_cpu_without_host_sync(name: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item() and torch.isfinite(cuda_views.grad).all().item()
+
+
+# --------------------------------------------------------------------------- raw dot products
+
+
+def _raw_reference(views: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NT-Xent, derived) per anchor on raw dot products, by the definitions (two views)."""
+    n = views.shape[1]
+    z = views.reshape(2 * n, -1)
+    logits = z @ z.T / tau
+    idx = torch.arange(2 * n)
+    pos = logits[idx, (idx + n) % (2 * n)]
+    same = (idx[:, None] % n) == (idx[None, :] % n)
+    neg = logits.masked_fill(same, float("-inf")).logsumexp(dim=1)
+    return torch.logaddexp(pos, neg) - pos, neg - pos
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.2, 1.0])
+def test_unnormalised_losses_match_definition(tau: float) -> None:
+    """normalize=False scores raw dot products (also through the shifted small-tau path)."""
+    views = 3.0 * _randn(2, 6, 4, seed=3)
+    nt, derived = _raw_reference(views, tau)
+    got_nt = L.nt_xent_loss(views, temperature=tau, normalize=False, reduction="none")
+    got_derived = L.decoupled_contrastive_loss(
+        views, temperature=tau, normalize=False, reduction="none"
+    )
+    torch.testing.assert_close(got_nt, nt, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_derived, derived, rtol=1e-10, atol=1e-10)
+    weights = torch.ones(12, dtype=F64)  # the weighted (unfused) path agrees too
+    got_weighted = L.balanced_contrastive_loss(
+        views, temperature=tau, negative_weights=weights, normalize=False, reduction="none"
+    )
+    torch.testing.assert_close(got_weighted, derived, rtol=1e-10, atol=1e-10)
+
+
+def test_unnormalised_equals_normalised_on_unit_vectors() -> None:
+    views = F.normalize(_randn(2, 5, 3, seed=4), dim=-1)
+    for fn in (L.nt_xent_loss, L.decoupled_contrastive_loss):
+        raw = fn(views, temperature=0.3, normalize=False)
+        assert raw.item() == pytest.approx(fn(views, temperature=0.3).item(), rel=1e-12)
+
+
+def test_without_normalisation_the_derived_loss_is_unbounded_below() -> None:
+    """Scaling every embedding by c moves the raw losses, not the cosine ones.
+
+    With each positive the largest score of its anchor, the derived loss falls linearly in
+    ``c**2`` (no lower bound) while NT-Xent stays >= 0 and tends to 0.
+    """
+    base = torch.eye(4, dtype=F64)
+    views = torch.stack([base, base + 0.1 * _randn(4, 4, seed=5)])
+    scales = [1.0, 4.0, 16.0]
+    derived = [L.decoupled_contrastive_loss(c * views, normalize=False).item() for c in scales]
+    nt = [L.nt_xent_loss(c * views, normalize=False).item() for c in scales]
+    cosine = [L.decoupled_contrastive_loss(c * views).item() for c in scales]
+    assert derived[0] > derived[1] > derived[2] and derived[2] < -100
+    assert nt[0] > nt[1] > nt[2] >= 0 and nt[2] < 1e-6
+    assert cosine == pytest.approx([cosine[0]] * 3, rel=1e-12)
+
+
+def test_unnormalised_gradcheck_and_modules() -> None:
+    x = _randn(2, 4, 3, seed=6).requires_grad_(True)
+    for tau in (0.01, 0.5):  # shifted and unshifted paths of the fused log-sum-exp
+        assert torch.autograd.gradcheck(
+            lambda v, t=tau: L.decoupled_contrastive_loss(v, temperature=t, normalize=False), (x,)
+        )
+    views = _randn(2, 4, 3, seed=7)
+    for name in ("nt_xent", "decoupled", "balanced"):
+        module = L.make_loss(name, temperature=0.5, normalize=False)
+        assert "normalize=False" in repr(module)
+    want = L.nt_xent_loss(views, normalize=False)
+    assert L.make_loss("nt_xent", normalize=False)(views).item() == pytest.approx(want.item())
+    with pytest.raises(ValueError, match="normalize"):
+        L.nt_xent_loss(views, normalize=1)
+    with pytest.raises(ValueError, match="normalize"):
+        L.make_loss("supcon", normalize=False)

@@ -176,6 +176,10 @@ def test_loss_is_built_from_the_config(tmp_path: Path) -> None:
     torch.testing.assert_close(loss.class_weights, weights)
     debiased = T._build_loss(T.LossConfig(name="debiased", tau_plus=0.2), None, gather=False)
     assert debiased.tau_plus == 0.2
+    raw = T._build_loss(T.LossConfig(name="nt_xent", normalize=False), None, gather=False)
+    assert raw.normalize is False and loss.normalize is True
+    with pytest.raises(ValueError, match="supcon"):
+        T._build_loss(T.LossConfig(name="supcon", normalize=False), None, gather=False)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,153 @@
+"""Measurements behind chapter 5 (correspondence to practice), on embeddings of many views.
+
+Every function takes ``z``: a ``(K, N, D)`` tensor of ``K`` augmented views of ``N`` instances
+(for example from :func:`cl_lib.evaluate.embed_views`); rows are L2-normalised inside.
+
+* :func:`attraction_estimates` - the two-view estimator of ``<z, m_i>`` with ``k`` views;
+* :func:`jensen_gap` - how much the repulsion bound loses by sampling one view of a negative;
+* :func:`effective_negatives` - how many negatives the softmax of the repulsion attends to;
+* :func:`scale_sweep` - the losses on raw dot products of scaled embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "EstimatorError",
+    "attraction_estimates",
+    "effective_negatives",
+    "jensen_gap",
+    "scale_sweep",
+]
+
+
+def _check_views(z: Tensor, min_views: int) -> Tensor:
+    """Validate a (K, N, D) float tensor of views and return it L2-normalised in float64."""
+    if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() != 3:
+        raise ValueError("z must be a floating-point tensor of shape (K views, N, D)")
+    if z.shape[0] < min_views or z.shape[1] < 2 or z.shape[2] < 1:
+        raise ValueError(
+            f"z must have at least {min_views} views, 2 instances and 1 dimension, "
+            f"got shape {tuple(z.shape)}"
+        )
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z must be finite, got NaN or inf values")
+    return F.normalize(z.double(), dim=-1)
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class EstimatorError:
+    """Error of the ``k``-view estimate of ``<z_i, m_i>`` against the all-view reference."""
+
+    k: int
+    mean_error: float  # signed: close to 0 for an unbiased estimator
+    rms_error: float  # falls like 1 / sqrt(k)
+    num_estimates: int
+
+
+def attraction_estimates(z: Tensor, ks: Sequence[int]) -> list[EstimatorError]:
+    """Two-view estimator of the attraction ``<z_i, m_i>`` with ``k`` extra views.
+
+    View 0 is the anchor of every instance. The reference surrogate is the mean of views
+    ``1..K-1``; each estimate averages ``<z_i, z'>`` over a disjoint group of ``k`` of those
+    views, so all ``(K - 1) // k`` groups of every instance contribute. ``k = 1`` is what a
+    two-view batch uses.
+    """
+    zn = _check_views(z, 3)
+    others = zn[1:]
+    scores = torch.einsum("nd,knd->kn", zn[0], others)  # <z_i, z_i^(v)> for every other view
+    reference = scores.mean(dim=0)  # = <z_i, mean of the other views>, by linearity
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < others.shape[0]:
+            raise ValueError(f"ks must hold ints in [1, {others.shape[0] - 1}], got {k!r}")
+        groups = others.shape[0] // k
+        estimates = scores[: groups * k].reshape(groups, k, -1).mean(dim=1)  # (groups, N)
+        err = estimates - reference
+        out.append(
+            EstimatorError(
+                k=k,
+                mean_error=float(err.mean()),
+                rms_error=float(err.pow(2).mean().sqrt()),
+                num_estimates=int(err.numel()),
+            )
+        )
+    return out
+
+
+def jensen_gap(z: Tensor, temperatures: Sequence[float]) -> dict[float, float]:
+    """Mean of ``log E_t' exp(<z_i, z_j'>/tau) - <z_i, m_j>/tau`` over anchor/negative pairs.
+
+    Anchor ``z_i``: view 0; the expectation runs over views ``1..K-1`` of the negative ``j``
+    and ``m_j`` is their mean. Jensen's inequality makes every term ``>= 0``: sampling one view
+    of each negative over-estimates the repulsion of the surrogate bound, more so at small
+    ``tau``.
+    """
+    zn = _check_views(z, 2)
+    anchors, others = zn[0], zn[1:]
+    scores = torch.einsum("id,vjd->vij", anchors, others)  # (K-1, N, N)
+    off = ~torch.eye(zn.shape[1], dtype=torch.bool)
+    out = {}
+    for tau in temperatures:
+        t = _check_positive("temperatures[i]", tau)
+        log_mean_exp = torch.logsumexp(scores / t, dim=0) - math.log(others.shape[0])
+        gap = log_mean_exp - scores.mean(dim=0) / t
+        out[float(tau)] = float(gap[off].mean())
+    return out
+
+
+def effective_negatives(z: Tensor, temperatures: Sequence[float]) -> dict[float, float]:
+    """``exp(entropy)`` of the repulsion's softmax weights ``p_ik`` over a batch's negatives.
+
+    Views 0 and 1 form a two-view batch of ``N`` instances: each of the ``2N`` anchors has
+    ``2N - 2`` negatives. The mean over anchors of ``exp(H(p_i))`` ranges from 1 (one hard
+    negative takes all the weight, small ``tau``) to ``2N - 2`` (uniform weights, large ``tau``).
+    """
+    zn = _check_views(z, 2)[:2]
+    n = zn.shape[1]
+    flat = zn.reshape(2 * n, -1)
+    cos = flat @ flat.T
+    instance = torch.arange(2 * n) % n
+    same = instance.unsqueeze(0) == instance.unsqueeze(1)
+    out = {}
+    for tau in temperatures:
+        t = _check_positive("temperatures[i]", tau)
+        logp = torch.log_softmax((cos / t).masked_fill(same, float("-inf")), dim=1)
+        entropy = -(logp.exp() * logp.masked_fill(same, 0.0)).sum(dim=1)
+        out[float(tau)] = float(entropy.exp().mean())
+    return out
+
+
+def scale_sweep(
+    views: Tensor,
+    scales: Sequence[float],
+    loss: Callable[..., Tensor],
+    *,
+    temperature: float,
+) -> dict[str, list[float]]:
+    """``loss(c * views)`` for every scale ``c``, on cosines and on raw dot products.
+
+    ``loss`` is one of the view losses of :mod:`cl_lib.losses` (it must take ``normalize``).
+    Cosine scores do not see ``c``; raw dot products grow like ``c**2``.
+    """
+    if not isinstance(views, Tensor) or views.dim() != 3:
+        raise ValueError("views must be a tensor of shape (V, N, D)")
+    tau = _check_positive("temperature", temperature)
+    cs = [_check_positive("scales[i]", c) for c in scales]
+    return {
+        "cosine": [float(loss(c * views, temperature=tau)) for c in cs],
+        "raw": [float(loss(c * views, temperature=tau, normalize=False)) for c in cs],
+    }

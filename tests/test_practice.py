@@ -1,0 +1,92 @@
+"""Tests for cl_lib.practice: the two-view estimator, the Jensen gap, effective negatives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl_lib import losses as L
+from cl_lib import practice as P
+
+F64 = torch.float64
+
+
+def _views(k: int, n: int, d: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """k noisy views around n random unit centres (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n, d, generator=gen, dtype=F64), dim=-1)
+    return centres + noise * torch.randn(k, n, d, generator=gen, dtype=F64)
+
+
+def test_attraction_estimator_is_unbiased_with_shrinking_error() -> None:
+    z = _views(17, 400, 16, noise=0.3)  # 16 views besides the anchor
+    errors = P.attraction_estimates(z, [1, 2, 4, 8])
+    # the groups partition the 16 views, so their estimates average to the reference exactly
+    for e in errors:
+        assert abs(e.mean_error) < 1e-12 and e.num_estimates == (16 // e.k) * 400
+    # Var(group mean - all-view mean) = s^2 (1/k - 1/16): the rms error follows it
+    s2 = errors[0].rms_error ** 2 / (1 - 1 / 16)
+    for e in errors[1:]:
+        assert e.rms_error**2 == pytest.approx(s2 * (1 / e.k - 1 / 16), rel=0.15)
+    assert [e.rms_error for e in errors] == sorted((e.rms_error for e in errors), reverse=True)
+
+
+def test_identical_views_give_exact_estimates_and_no_jensen_gap() -> None:
+    z = _views(1, 30, 8, noise=0.0).expand(5, 30, 8)
+    assert all(e.rms_error < 1e-12 for e in P.attraction_estimates(z, [1, 2]))
+    gaps = P.jensen_gap(z, [0.1, 1.0])
+    assert max(abs(g) for g in gaps.values()) < 1e-12
+
+
+def test_jensen_gap_is_non_negative_and_grows_as_tau_falls() -> None:
+    z = _views(9, 50, 8, noise=0.5, seed=1)
+    gaps = P.jensen_gap(z, [2.0, 0.5, 0.1])
+    assert 0 < gaps[2.0] < gaps[0.5] < gaps[0.1]
+    # small-variance limit: the gap is about Var(<z_i, z_j'>) / (2 tau^2)
+    small = _views(65, 40, 8, noise=0.01, seed=2)
+    zn = F.normalize(small, dim=-1)
+    var = torch.einsum("id,vjd->vij", zn[0], zn[1:]).var(dim=0, unbiased=False)
+    var = var[~torch.eye(40, dtype=torch.bool)].mean().item()
+    assert P.jensen_gap(small, [1.0])[1.0] == pytest.approx(var / 2, rel=0.05)
+
+
+def test_effective_negatives_limits() -> None:
+    n = 6
+    same = torch.ones(2, n, 4, dtype=F64)  # every cosine 1: uniform weights
+    assert P.effective_negatives(same, [0.05])[0.05] == pytest.approx(2 * n - 2, rel=1e-12)
+    z = _views(2, n, 16, noise=0.2, seed=3)
+    eff = P.effective_negatives(z, [0.01, 0.2, 1.0, 100.0])
+    values = [eff[t] for t in (0.01, 0.2, 1.0, 100.0)]
+    assert values == sorted(values) and 1.0 <= values[0] < 1.5
+    assert values[-1] == pytest.approx(2 * n - 2, rel=1e-3)
+
+
+def test_scale_sweep_cosine_is_blind_to_the_scale() -> None:
+    views = F.normalize(_views(2, 8, 5, noise=0.1, seed=4), dim=-1)
+    out = P.scale_sweep(views, [1.0, 3.0], L.decoupled_contrastive_loss, temperature=0.5)
+    assert out["cosine"][0] == pytest.approx(out["cosine"][1], rel=1e-12)
+    assert out["raw"][0] == pytest.approx(out["cosine"][0], rel=1e-12)  # unit vectors
+    assert out["raw"][1] != pytest.approx(out["raw"][0])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: P.attraction_estimates(torch.zeros(2, 4, 3), [1]), "z must have at least 3"),
+        (lambda: P.attraction_estimates(torch.ones(5, 4, 3), [4]), "ks"),
+        (lambda: P.attraction_estimates(torch.ones(4, 3), [1]), "shape"),
+        (lambda: P.jensen_gap(torch.ones(3, 4, 3), [0.0]), "temperatures"),
+        (lambda: P.jensen_gap(torch.full((3, 4, 3), math.nan), [1.0]), "finite"),
+        (lambda: P.effective_negatives(torch.ones(2, 4, 3, dtype=torch.int64), [1.0]), "floating"),
+        (
+            lambda: P.scale_sweep(torch.ones(2, 4, 3), [-1.0], L.nt_xent_loss, temperature=0.5),
+            "scales",
+        ),
+    ],
+)
+def test_bad_arguments_are_named(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
