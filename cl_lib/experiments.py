@@ -54,6 +54,7 @@ __all__ = [
     "main",
     "measure_bias",
     "measure_loss_gap",
+    "measure_views",
     "provenance",
     "run_experiment",
     "run_experiment_cli",
@@ -416,13 +417,57 @@ def measure_loss_gap(
     return out
 
 
+VIEW_TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@torch.no_grad()
+def measure_views(
+    model: nn.Module,
+    images: Tensor,
+    augment: Callable,
+    *,
+    num_views: int = 17,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Chapter 5's measurements on ``num_views`` augmented views of ``images`` (projections z).
+
+    The error of the attraction estimator with ``k`` views
+    (:func:`cl_lib.practice.attraction_estimates`), the repulsion's Jensen gap and the effective
+    number of negatives of a two-view batch of all the images at :data:`VIEW_TEMPERATURES`, and
+    the lengths ``||z||`` the loss sees before any normalisation.
+    """
+    from cl_lib.practice import attraction_estimates, effective_negatives, jensen_gap
+
+    if num_views < 3:
+        raise ValueError(f"num_views must be >= 3, got {num_views}")
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(40_000 + seed)
+    z = torch.stack([_embed_both(model, images, augment, gen)[1] for _ in range(num_views)])
+    ks = [k for k in (1, 2, 4, 8) if k < num_views - 1]
+    estimates = attraction_estimates(z, ks)
+    lengths = z.norm(dim=-1)
+    return {
+        "num_views": num_views,
+        "num_images": int(images.shape[0]),
+        "attraction_rms_error": {str(e.k): e.rms_error for e in estimates},
+        "attraction_mean_error": {str(e.k): e.mean_error for e in estimates},
+        "jensen_gap": {f"{t:g}": v for t, v in jensen_gap(z, VIEW_TEMPERATURES).items()},
+        "effective_negatives": {
+            f"{t:g}": v for t, v in effective_negatives(z, VIEW_TEMPERATURES).items()
+        },
+        "z_norm_mean": float(lengths.mean()),
+        "z_norm_max": float(lengths.max()),
+    }
+
+
 def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -> dict[str, Any]:
     """Metrics of a finished :func:`cl_lib.train.pretrain` run (its ``TrainResult``).
 
     kNN (weighted, the run's k and temperature; clean training images as the memory bank, the
     test split as queries) with per-class accuracy, a linear probe, the same two on the
     projection ``z`` (``*_head``), the final alignment and uniformity of the training loop, the
-    NT-Xent gap (:func:`measure_loss_gap`), collapse flags and, with ``bias``,
+    NT-Xent gap (:func:`measure_loss_gap`), the view measurements of :func:`measure_views` (on
+    256 test images), collapse flags and, with ``bias``,
     :func:`measure_bias`.
     """
     from cl_lib.augment import make_augment
@@ -465,6 +510,7 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
         "loss_gap": measure_loss_gap(
             model, test.images, augment, temperature=cfg.loss.temperature, seed=cfg.seed
         ),
+        "views": measure_views(model, test.images[:256], augment, seed=cfg.seed),
         "alignment": last.get("alignment"),
         "uniformity": last.get("uniformity"),
         "final_loss": last.get("loss"),

@@ -6,7 +6,7 @@ Every function takes ``z``: a ``(K, N, D)`` tensor of ``K`` augmented views of `
 * :func:`attraction_estimates` - the two-view estimator of ``<z, m_i>`` with ``k`` views;
 * :func:`jensen_gap` - how much the repulsion bound loses by sampling one view of a negative;
 * :func:`effective_negatives` - how many negatives the softmax of the repulsion attends to;
-* :func:`scale_sweep` - the losses on raw dot products of scaled embeddings.
+* :func:`scale_sweep` - the losses on cosines and on raw dot products of rescaled views.
 """
 
 from __future__ import annotations
@@ -137,17 +137,30 @@ def scale_sweep(
     loss: Callable[..., Tensor],
     *,
     temperature: float,
+    instances: Sequence[int] | None = None,
 ) -> dict[str, list[float]]:
-    """``loss(c * views)`` for every scale ``c``, on cosines and on raw dot products.
+    """``loss`` after scaling the views of ``instances`` (default: all) by each ``c`` in ``scales``.
 
-    ``loss`` is one of the view losses of :mod:`cl_lib.losses` (it must take ``normalize``).
-    Cosine scores do not see ``c``; raw dot products grow like ``c**2``.
+    Returns the losses on cosines (``"cosine"``, blind to ``c``) and on raw dot products
+    (``"raw"``). ``loss`` is one of the view losses of :mod:`cl_lib.losses` (it must take
+    ``normalize``). Scaling one instance multiplies its own positive score by ``c**2`` and its
+    scores with other instances by ``c``.
     """
-    if not isinstance(views, Tensor) or views.dim() != 3:
-        raise ValueError("views must be a tensor of shape (V, N, D)")
+    if not isinstance(views, Tensor) or not views.is_floating_point() or views.dim() != 3:
+        raise ValueError("views must be a floating-point tensor of shape (V, N, D)")
     tau = _check_positive("temperature", temperature)
     cs = [_check_positive("scales[i]", c) for c in scales]
-    return {
-        "cosine": [float(loss(c * views, temperature=tau)) for c in cs],
-        "raw": [float(loss(c * views, temperature=tau, normalize=False)) for c in cs],
-    }
+    n = views.shape[1]
+    chosen = list(range(n)) if instances is None else list(instances)
+    if not chosen or any(isinstance(i, bool) or not isinstance(i, int) for i in chosen):
+        raise ValueError(f"instances must be a non-empty sequence of ints, got {instances!r}")
+    if min(chosen) < 0 or max(chosen) >= n:
+        raise ValueError(f"instances must lie in [0, {n - 1}], got {instances!r}")
+    mask = torch.zeros(1, n, 1, dtype=views.dtype, device=views.device)
+    mask[:, chosen] = 1.0
+    out: dict[str, list[float]] = {"cosine": [], "raw": []}
+    for c in cs:
+        scaled = views * (1.0 + (c - 1.0) * mask)
+        out["cosine"].append(float(loss(scaled, temperature=tau)))
+        out["raw"].append(float(loss(scaled, temperature=tau, normalize=False)))
+    return out

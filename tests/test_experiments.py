@@ -78,6 +78,12 @@ def test_smoke_grid_schema_and_provenance(tmp_path):
         # the gap log(1 + e^{s_ip/tau} / sum_k e^{s_ik/tau}) lies in (0, log(1 + e^{2/tau}))
         assert list(m["loss_gap"]) == ["16"]  # 32 test images: the larger batches do not fit
         assert 0.0 < m["loss_gap"]["16"] < math.log1p(math.exp(2 / 0.2))
+        v = m["views"]
+        assert v["num_images"] == 32 and list(v["attraction_rms_error"]) == ["1", "2", "4", "8"]
+        assert max(abs(e) for e in v["attraction_mean_error"].values()) < 1e-6  # k divides 16
+        assert all(g >= 0 for g in v["jensen_gap"].values())
+        assert all(1.0 <= e <= 62.0 for e in v["effective_negatives"].values())  # 2N - 2 = 62
+        assert 0 < v["z_norm_mean"] <= v["z_norm_max"]
         assert len(r["history"]) == 2 and [h["epoch"] for h in r["history"]] == [1, 2]
         # the per-class accuracies, weighted by the test counts, give the overall accuracy
         counts = torch.bincount(load_dataset("shapes", "test", size=32).labels, minlength=10)

@@ -72,6 +72,21 @@ def test_scale_sweep_cosine_is_blind_to_the_scale() -> None:
     assert out["raw"][1] != pytest.approx(out["raw"][0])
 
 
+def test_lengthening_one_instance_drives_the_raw_derived_loss_down_without_bound() -> None:
+    """One instance with aligned views: its attraction grows like c**2, its repulsion like c."""
+    views = F.normalize(_views(2, 8, 5, noise=0.1, seed=5), dim=-1)
+    scales = [1.0, 4.0, 16.0, 64.0]
+    derived = P.scale_sweep(
+        views, scales, L.decoupled_contrastive_loss, temperature=0.5, instances=[0]
+    )
+    nt = P.scale_sweep(views, scales, L.nt_xent_loss, temperature=0.5, instances=[0])
+    assert derived["raw"] == sorted(derived["raw"], reverse=True) and derived["raw"][-1] < -100
+    assert min(nt["raw"]) >= 0  # NT-Xent is a cross-entropy: bounded below by 0
+    assert derived["cosine"] == pytest.approx([derived["cosine"][0]] * 4, rel=1e-12)
+    with pytest.raises(ValueError, match="instances"):
+        P.scale_sweep(views, scales, L.nt_xent_loss, temperature=0.5, instances=[8])
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
