@@ -822,7 +822,8 @@ class _Trainer:
         self.channels_last = self.use_cuda and config.channels_last
         self.amp_dtype: torch.dtype | None = None
         if self.use_cuda and config.amp:
-            bf16 = torch.cuda.is_bf16_supported()
+            # native bf16 only (Ampere+); a T4 emulates it slowly: fp16 + GradScaler there
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
 
         runtime.seed_everything(config.seed)

@@ -167,6 +167,7 @@ def test_works_under_autocast():
     torch.testing.assert_close(forces.gradient, contrastive_forces(views).gradient)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
     views = unit_views(2, 16, 8, seed=12).float()

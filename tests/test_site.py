@@ -5,7 +5,8 @@ into a temporary directory, served over HTTP on 127.0.0.1, and every page is ope
 with Playwright. The checks: the build emits no warning; MathJax (served from
 ``_static``) typesets every formula; every image loads; no cell output shows an error;
 every internal link and anchor resolves; no request leaves the local server; notebook
-pages offer the Colab launch button and the ``.ipynb`` download; search finds a word.
+pages offer the ``.ipynb`` download and a Colab launch button that opens the page's own
+notebook in the repository of ``_config.yml``; search finds a word.
 
 Skipped when ``/usr/bin/chromium`` or Playwright is missing, or before any chapter
 notebook exists. A screenshot of every page is written next to the build (the path is
@@ -353,6 +354,49 @@ def test_notebook_pages_offer_colab_and_download(site: Site) -> None:
         assert any(h.endswith(Path(source).name) for h in probe["ipynbDownloads"]), (
             f"{path}: no .ipynb download link"
         )
+
+
+def _toc_files(node: object) -> list[str]:
+    """Every ``file:`` entry of the table of contents, in order."""
+    if isinstance(node, dict):
+        own = [node["file"]] if isinstance(node.get("file"), str) else []
+        return own + [f for value in node.values() for f in _toc_files(value)]
+    if isinstance(node, list):
+        return [f for item in node for f in _toc_files(item)]
+    return []
+
+
+def test_colab_button_opens_the_page_notebook(site: Site) -> None:
+    """Each chapter page has one Colab target: the repository of _config.yml, its branch,
+    and the very notebook the page was rendered from, which exists in the repository."""
+    config = _config()
+    repo = config["repository"]
+    owner_repo = urlsplit(repo["url"]).path.strip("/")
+    assert urlsplit(repo["url"]).hostname == "github.com" and owner_repo.count("/") == 1
+    prefix = f"{config['launch_buttons']['colab_url'].rstrip('/')}/github/{owner_repo}/blob/"
+    assert prefix.startswith("https://colab.research.google.com/github/")
+    book_dir = repo.get("path_to_book") or ""
+    toc = _toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8")))
+    chapters = {f for f in toc if (ROOT / f"{f}.ipynb").is_file()}
+    pages = _notebook_pages(site.html)
+    assert {p.removesuffix(".html") for p in pages} == chapters, "chapter pages != _toc notebooks"
+    problems = []
+    for path in pages:
+        targets = set(site.pages[path].probe["colabLinks"])
+        if len(targets) != 1:
+            problems.append(f"{path}: expected one Colab target, got {sorted(targets)}")
+            continue
+        (target,) = targets
+        branch, _, in_repo = target.removeprefix(prefix).partition("/")
+        source = str(Path(book_dir, path).with_suffix(".ipynb"))
+        if not target.startswith(prefix) or branch != repo["branch"] or in_repo != source:
+            problems.append(
+                f"{path}: Colab opens {target}, expected {prefix}{repo['branch']}/{source}"
+            )
+        elif not (ROOT / in_repo).is_file():
+            problems.append(f"{path}: Colab opens {in_repo}, which is not in the repository")
+    assert repo["branch"] == "main"
+    assert not problems, "\n".join(problems)
 
 
 def test_search_finds_pages(site: Site) -> None:
