@@ -45,6 +45,7 @@ from cl_lib.provenance import REPO_ROOT, cpu_model, git_state
 __all__ = [
     "EXPERIMENTS",
     "SCHEMA_VERSION",
+    "VIEW_TEMPERATURES",
     "Experiment",
     "cell_id",
     "config_hash",
@@ -418,6 +419,7 @@ def measure_loss_gap(
 
 
 VIEW_TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Temperatures at which :func:`measure_views` evaluates the Jensen gap and effective negatives."""
 
 
 @torch.no_grad()
