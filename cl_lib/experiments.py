@@ -469,8 +469,7 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
     test split as queries) with per-class accuracy, a linear probe, the same two on the
     projection ``z`` (``*_head``), the final alignment and uniformity of the training loop, the
     NT-Xent gap (:func:`measure_loss_gap`), the view measurements of :func:`measure_views` (on
-    256 test images), collapse flags and, with ``bias``,
-    :func:`measure_bias`.
+    256 test images), collapse flags and, with ``bias``, :func:`measure_bias`.
     """
     from cl_lib.augment import make_augment
     from cl_lib.data import load_dataset
