@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import write_fake_cifar10
 
 from cl_lib.data import (
     SHAPE_CLASSES,
@@ -203,24 +204,9 @@ def _write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f)
 
 
-def _fake_cifar10(root: Path, n: int = 6) -> dict[str, np.ndarray]:
-    """CIFAR-10 python batches with random pixels; returns what each file holds."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    written = {}
-    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        _write_pickle(folder / name, {"data": data, "labels": labels})
-        written[name] = (data, labels)
-    classes = [f"class{k}" for k in range(10)]
-    _write_pickle(folder / "batches.meta", {"label_names": classes})
-    return written
-
-
 def test_load_fake_cifar10(tmp_path):
     """Images come back as (N, 3, 32, 32) in the file's channel-major layout, labels aligned."""
-    written = _fake_cifar10(tmp_path)
+    written = write_fake_cifar10(tmp_path, per_batch=6)
     train = load_torchvision("cifar10", tmp_path, split="train", check_integrity=False)
     test = load_torchvision("cifar10", tmp_path, split="test", check_integrity=False)
     assert len(train) == 30 and len(test) == 6
@@ -234,7 +220,7 @@ def test_load_fake_cifar10(tmp_path):
 
 def test_fake_files_fail_the_md5_check(tmp_path):
     """With the integrity check on, hand-made files are rejected with a helpful error."""
-    _fake_cifar10(tmp_path)
+    write_fake_cifar10(tmp_path, per_batch=6)
     with pytest.raises(FileNotFoundError, match="download=True"):
         load_torchvision("cifar10", tmp_path, split="train")
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import pickle
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fakes import write_fake_cifar10
 
 from cl_lib import scale as S
 from cl_lib.augment import make_augment
@@ -117,28 +117,13 @@ def test_config_argument_errors(tmp_path: Path) -> None:
         S.simclr_config("quick", "nt_xent", tmp_path, seed={"a": 1})
 
 
-def _fake_cifar10(root: Path, per_batch: int) -> None:
-    """CIFAR-10 in torchvision's on-disk format with random pixels."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, per_batch).tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {"label_names": [f"class{i}" for i in range(10)]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-
-
 def test_full_profile_loads_cifar_and_encodes_with_resnet18(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The full config's data, augmentation and model fit together (no training)."""
     from cl_lib import data
 
-    _fake_cifar10(tmp_path / "data", per_batch=4)
+    write_fake_cifar10(tmp_path / "data", per_batch=4)
     monkeypatch.setattr(
         data, "load_torchvision", partial(data.load_torchvision, check_integrity=False)
     )

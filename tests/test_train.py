@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from dataclasses import FrozenInstanceError, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from fakes import write_fake_cifar10
 from torch import nn
 
 from cl_lib import train as T
@@ -451,28 +450,12 @@ def test_trained_encoder_beats_raw_pixels_and_random_init(tmp_path: Path) -> Non
 # =========================================================================== CIFAR config
 
 
-def _fake_cifar10(root: Path, per_batch: int, seed: int = 0) -> None:
-    """CIFAR-10 in torchvision's on-disk format (``cifar-10-batches-py`` pickles)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        batch = {
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, per_batch).tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {"label_names": [f"class{i}" for i in range(10)]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-
-
 def test_cifar_config_runs_two_steps_on_fake_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from cl_lib import data
 
-    _fake_cifar10(tmp_path / "data", per_batch=16)
+    write_fake_cifar10(tmp_path / "data", per_batch=16)
     # hand-made files cannot match torchvision's md5 sums: load them unchecked
     unchecked = partial(data.load_torchvision, check_integrity=False)
     monkeypatch.setattr(data, "load_torchvision", unchecked)
