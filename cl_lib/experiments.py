@@ -162,6 +162,22 @@ def _balanced(alpha: float, lam: float, include_positive: bool = False) -> dict[
     }
 
 
+def _practice(
+    name: str, description: str, cells: tuple[dict[str, Any], ...], notes: str = ""
+) -> Experiment:
+    """A chapter-5 grid: the shapes recipe at quick / full sizing, three seeds."""
+    return Experiment(
+        name=name,
+        description=description,
+        cells=cells,
+        quick_overrides=_QUICK,
+        full_overrides=_FULL_SHAPES,
+        seeds=(0, 1, 2),
+        full_seeds=(0, 1, 2),
+        notes=notes,
+    )
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
@@ -237,72 +253,47 @@ EXPERIMENTS: dict[str, Experiment] = {
             tail_classes=(7, 8, 9),
             notes="Tail classes: the three rarest (7, 8, 9).",
         ),
-        Experiment(
-            name="temperature",
-            description=(
-                "E (chapter 5): NT-Xent at temperatures tau in {0.05, 0.1, 0.2, 0.5, 1}: kNN and "
-                "linear-probe accuracy, alignment and uniformity against tau (the sharpness of "
-                "the smooth max)."
-            ),
-            cells=tuple({"loss.temperature": t} for t in (0.05, 0.1, 0.2, 0.5, 1.0)),
-            quick_overrides=_QUICK,
-            full_overrides=_FULL_SHAPES,
-            seeds=(0, 1, 2),
-            full_seeds=(0, 1, 2),
+        _practice(
+            "temperature",
+            "E (chapter 5): NT-Xent at temperatures tau in {0.05, 0.1, 0.2, 0.5, 1}: kNN and "
+            "linear-probe accuracy, alignment and uniformity against tau (the sharpness of the "
+            "smooth max).",
+            tuple({"loss.temperature": t} for t in (0.05, 0.1, 0.2, 0.5, 1.0)),
         ),
-        Experiment(
-            name="normalisation",
-            description=(
-                "F (chapter 5): NT-Xent and the derived loss (balanced, alpha = lambda = 1) on "
-                "cosine similarities (normalize=1) and on raw dot products (normalize=0), "
-                "tau 0.2."
-            ),
-            cells=(
+        _practice(
+            "normalisation",
+            "F (chapter 5): NT-Xent and the derived loss (balanced, alpha = lambda = 1) on cosine "
+            "similarities (normalize=1) and on raw dot products (normalize=0), tau 0.2.",
+            (
                 {"loss.name": "nt_xent", "loss.normalize": True},
                 {"loss.name": "nt_xent", "loss.normalize": False},
                 {**_balanced(1.0, 1.0), "loss.normalize": True},
                 {**_balanced(1.0, 1.0), "loss.normalize": False},
             ),
-            quick_overrides=_QUICK,
-            full_overrides=_FULL_SHAPES,
-            seeds=(0, 1, 2),
-            full_seeds=(0, 1, 2),
             notes="A run that stops on a non-finite loss is recorded under 'failures'.",
         ),
-        Experiment(
-            name="batch_size",
-            description=(
-                "G (chapter 5): NT-Xent against the derived loss (balanced, alpha = lambda = 1, "
-                "positive left out of the denominator) at batch sizes 16, 64 and 256 (2N - 2 "
-                "negatives per anchor), the same number of epochs."
-            ),
-            cells=tuple(
+        _practice(
+            "batch_size",
+            "G (chapter 5): NT-Xent against the derived loss (balanced, alpha = lambda = 1, "
+            "positive left out of the denominator) at batch sizes 16, 64 and 256 (2N - 2 "
+            "negatives per anchor), the same number of epochs.",
+            tuple(
                 {"optim.batch_size": b, **loss}
                 for b in (16, 64, 256)
                 for loss in ({"loss.name": "nt_xent"}, _balanced(1.0, 1.0))
             ),
-            quick_overrides=_QUICK,
-            full_overrides=_FULL_SHAPES,
-            seeds=(0, 1, 2),
-            full_seeds=(0, 1, 2),
             notes=(
                 "Fixed epochs, as in SimCLR's batch-size study: a larger batch takes fewer, "
                 "larger steps (quick: 1625, 403 and 91 steps), so compare the two losses at "
                 "each batch size rather than across batch sizes."
             ),
         ),
-        Experiment(
-            name="projection_head",
-            description=(
-                "H (chapter 5): no projection head, a linear head and a 2-layer MLP head; kNN "
-                "and linear-probe accuracy on the representation h (before the head) and on "
-                "the projection z (after it)."
-            ),
-            cells=tuple({"model.head_layers": n} for n in (0, 1, 2)),
-            quick_overrides=_QUICK,
-            full_overrides=_FULL_SHAPES,
-            seeds=(0, 1, 2),
-            full_seeds=(0, 1, 2),
+        _practice(
+            "projection_head",
+            "H (chapter 5): no projection head, a linear head and a 2-layer MLP head; kNN and "
+            "linear-probe accuracy on the representation h (before the head) and on the "
+            "projection z (after it).",
+            tuple({"model.head_layers": n} for n in (0, 1, 2)),
         ),
     )
 }
