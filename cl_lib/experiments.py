@@ -390,6 +390,7 @@ def measure_loss_gap(
     Two augmented views of ``images`` are embedded once; the gap is averaged over every anchor
     of consecutive batches of each size (the batches' negatives only). Keys: batch sizes.
     """
+    from cl_lib.evaluate import embed_views
     from cl_lib.losses import contrastive_components
 
     sizes = [b for b in batch_sizes if 2 <= b <= images.shape[0]]
@@ -399,7 +400,7 @@ def measure_loss_gap(
         )
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(30_000 + seed)
-    z = torch.stack([_embed_both(model, images, augment, gen)[1] for _ in range(2)])
+    z = embed_views(model, images, augment, 2, generator=gen, use_projection=True)
     out = {}
     for b in sizes:
         usable = (z.shape[1] // b) * b
@@ -429,13 +430,14 @@ def measure_views(
     number of negatives of a two-view batch of all the images at :data:`VIEW_TEMPERATURES`, and
     the lengths ``||z||`` the loss sees before any normalisation.
     """
+    from cl_lib.evaluate import embed_views
     from cl_lib.practice import attraction_estimates, effective_negatives, jensen_gap
 
     if num_views < 3:
         raise ValueError(f"num_views must be >= 3, got {num_views}")
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(40_000 + seed)
-    z = torch.stack([_embed_both(model, images, augment, gen)[1] for _ in range(num_views)])
+    z = embed_views(model, images, augment, num_views, generator=gen, use_projection=True)
     ks = [k for k in (1, 2, 4, 8) if k < num_views - 1]
     estimates = attraction_estimates(z, ks)
     lengths = z.norm(dim=-1)

@@ -12,6 +12,7 @@ import cl_lib.train as train_mod
 from cl_lib import experiments as ex
 from cl_lib import losses as L
 from cl_lib.data import load_dataset
+from cl_lib.evaluate import extract_features
 from cl_lib.models import build_model
 
 TINY = (
@@ -280,7 +281,7 @@ def test_loss_gap_matches_the_losses_and_shrinks_with_the_batch():
     gaps = ex.measure_loss_gap(model, images, identity, temperature=0.2, batch_sizes=(4, 16, 64))
     assert list(gaps) == ["4", "16", "64"]
     assert gaps["4"] > gaps["16"] > gaps["64"] > 0
-    z = ex._embed_both(model, images, None, None)[1]
+    z = extract_features(model, images, use_projection=True)
     views = torch.stack([z, z]).reshape(2, 8, 16, -1).transpose(0, 1)
     want = [
         L.nt_xent_loss(v, temperature=0.2) - L.decoupled_contrastive_loss(v, temperature=0.2)
