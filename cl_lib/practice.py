@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_lib.losses import _check_positive
+
 __all__ = [
     "EstimatorError",
     "attraction_estimates",
@@ -40,12 +42,6 @@ def _check_views(z: Tensor, min_views: int) -> Tensor:
     if not bool(torch.isfinite(z).all()):
         raise ValueError("z must be finite, got NaN or inf values")
     return F.normalize(z.double(), dim=-1)
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ def jensen_gap(z: Tensor, temperatures: Sequence[float]) -> dict[float, float]:
     off = ~torch.eye(zn.shape[1], dtype=torch.bool)
     out = {}
     for tau in temperatures:
-        t = _check_positive("temperatures[i]", tau)
+        t = _check_positive(tau, "temperatures[i]")
         log_mean_exp = torch.logsumexp(scores / t, dim=0) - math.log(others.shape[0])
         gap = log_mean_exp - scores.mean(dim=0) / t
         out[float(tau)] = float(gap[off].mean())
@@ -124,7 +120,7 @@ def effective_negatives(z: Tensor, temperatures: Sequence[float]) -> dict[float,
     same = instance.unsqueeze(0) == instance.unsqueeze(1)
     out = {}
     for tau in temperatures:
-        t = _check_positive("temperatures[i]", tau)
+        t = _check_positive(tau, "temperatures[i]")
         logp = torch.log_softmax((cos / t).masked_fill(same, float("-inf")), dim=1)
         entropy = -(logp.exp() * logp.masked_fill(same, 0.0)).sum(dim=1)
         out[float(tau)] = float(entropy.exp().mean())
@@ -148,8 +144,8 @@ def scale_sweep(
     """
     if not isinstance(views, Tensor) or not views.is_floating_point() or views.dim() != 3:
         raise ValueError("views must be a floating-point tensor of shape (V, N, D)")
-    tau = _check_positive("temperature", temperature)
-    cs = [_check_positive("scales[i]", c) for c in scales]
+    tau = _check_positive(temperature, "temperature")
+    cs = [_check_positive(c, "scales[i]") for c in scales]
     n = views.shape[1]
     chosen = list(range(n)) if instances is None else list(instances)
     if not chosen or any(isinstance(i, bool) or not isinstance(i, int) for i in chosen):
