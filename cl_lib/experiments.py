@@ -824,12 +824,16 @@ def print_table(
 
 
 def paired_differences(
-    results: Mapping[str, Any], reference: str, metric: str = "knn_acc"
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str = "knn_acc",
+    cells: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
     """Per cell: ``metric`` minus the ``reference`` cell's on the same seed (seed order).
 
     The same seed means the same data, initialisation and augmentation draws, so paired
-    differences remove most of the seed-to-seed spread. Cells without a common seed are left out.
+    differences remove most of the seed-to-seed spread. ``cells`` limits the comparison to these
+    cells (default: all); cells without a common seed are left out.
     """
     ref = {
         r["seed"]: _lookup(r["metrics"], metric) for r in results["runs"] if r["cell"] == reference
@@ -838,7 +842,7 @@ def paired_differences(
         raise ValueError(f"reference must be a cell with runs, got {reference!r}")
     out: dict[str, list[float]] = {}
     for cell in results["grid"]["cells"]:
-        if cell["cell"] == reference:
+        if cell["cell"] == reference or (cells is not None and cell["cell"] not in cells):
             continue
         runs = sorted(
             (r for r in results["runs"] if r["cell"] == cell["cell"] and r["seed"] in ref),
@@ -850,11 +854,15 @@ def paired_differences(
 
 
 def print_paired(
-    results: Mapping[str, Any], reference: str, metric: str = "knn_acc", scale: float = 100.0
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str = "knn_acc",
+    scale: float = 100.0,
+    cells: Sequence[str] | None = None,
 ) -> None:
     """Print :func:`paired_differences` (times ``scale``): mean, std and how many seeds gained."""
     print(f"paired differences to {reference} ({metric} x {scale:g}), seeds present in both cells:")
-    for cell, diffs in paired_differences(results, reference, metric).items():
+    for cell, diffs in paired_differences(results, reference, metric, cells).items():
         t = scale * torch.tensor(diffs, dtype=torch.float64)
         sd = f"{float(t.std()):.3g}" if t.numel() > 1 else "n/a"
         better = int((t > 0).sum())

@@ -252,6 +252,7 @@ def test_paired_differences_match_seeds_and_skip_missing_ones(capsys):
     results = {"grid": {"cells": [{"cell": c} for c in ("ref", "x", "y")]}, "runs": runs}
     diffs = ex.paired_differences(results, "ref")
     assert list(diffs) == ["x"] and diffs["x"] == pytest.approx([-0.1, 0.1])
+    assert list(ex.paired_differences(results, "ref", cells=["y"])) == []  # y: no common seed
     ex.print_paired(results, "ref")
     assert "better on 1 of 2 seeds" in capsys.readouterr().out
     with pytest.raises(ValueError, match="reference"):
