@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_lib import runtime
-from cl_lib.provenance import REPO_ROOT, cpu_model, git_state
+from cl_lib.provenance import REPO_ROOT, git_state, machine
 
 __all__ = [
     "EXPERIMENTS",
@@ -532,20 +531,12 @@ def evaluate_run(result: Any, *, bias: bool, tail_classes: Sequence[int] = ()) -
 def provenance(device: str = "auto") -> dict[str, Any]:
     """Where and how an experiment ran: git, dates, versions, hardware, command line."""
     commit, dirty = git_state()
-    cuda = torch.cuda.is_available()
     return {
         "git_commit": commit,
         "git_dirty": dirty,
         "start": _now(),
         "end": None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": ("cuda" if cuda else "cpu") if device == "auto" else device,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "threads": torch.get_num_threads(),
-        "hostname": platform.node(),
+        **machine(device),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
     }
 

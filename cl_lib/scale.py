@@ -8,15 +8,14 @@
   clean training and test images, weighted kNN and a linear probe;
 * :func:`label_efficiency`: linear-probe accuracy with ``k`` labels per class, over seeds;
 * :func:`embedding_2d`: a 2-D map of features (t-SNE from scikit-learn, or UMAP if installed);
-* :func:`machine` and :func:`run_time`: the hardware of this process and the recorded time of a
-  run, to print beside its numbers.
+* :func:`run_time`: the recorded time of a run, to print beside its numbers (the hardware
+  comes from :func:`cl_lib.provenance.machine`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from torch import Tensor, nn
 
 from cl_lib.data import ImageData, load_dataset
 from cl_lib.evaluate import extract_features, few_label_subset, knn_accuracy, linear_probe
-from cl_lib.provenance import cpu_model
 from cl_lib.train import TrainConfig, config_from_dict
 
 __all__ = [
@@ -45,7 +43,6 @@ __all__ = [
     "encode",
     "label_efficiency",
     "load_splits",
-    "machine",
     "run_time",
     "simclr_config",
 ]
@@ -406,20 +403,6 @@ def _pct3(x: float) -> str:
     if not math.isfinite(x):
         return f"{x}"
     return f"{float(f'{100 * x:.3g}'):g}%"
-
-
-def machine(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Hardware and software of this process: device, GPU or CPU model, threads, torch."""
-    dev = torch.device(device) if device is not None else None
-    cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
-    return {
-        "device": "cuda" if cuda else "cpu",
-        "gpu": torch.cuda.get_device_name(dev if dev is not None else 0) if cuda else None,
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def run_time(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:

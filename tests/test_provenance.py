@@ -3,6 +3,8 @@
 import re
 import subprocess
 
+import torch
+
 from cl_lib import provenance
 
 
@@ -23,3 +25,12 @@ def test_git_outside_a_repository_gives_none(monkeypatch, tmp_path):
 
 def test_cpu_model_is_a_name():
     assert provenance.cpu_model().strip()
+
+
+def test_machine_describes_the_requested_device():
+    cpu = provenance.machine("cpu")
+    assert cpu["device"] == "cpu" and cpu["gpu"] is None and cpu["cpu"] == provenance.cpu_model()
+    assert cpu["threads"] == torch.get_num_threads() and cpu["torch"] == torch.__version__
+    auto = provenance.machine("auto")
+    assert auto["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (auto["gpu"] is not None) == torch.cuda.is_available()

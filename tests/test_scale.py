@@ -14,6 +14,7 @@ from fakes import write_fake_cifar10
 from cl_lib import scale as S
 from cl_lib.augment import make_augment
 from cl_lib.models import build_model
+from cl_lib.provenance import machine
 from cl_lib.train import config_from_dict, config_to_dict, load_config, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,6 +294,6 @@ def test_run_time_and_machine() -> None:
     assert S.run_time(history) == {"epochs": 2, "train_s": 3.5, "eval_s": 0.25}
     with pytest.raises(ValueError, match="history"):
         S.run_time("epoch 1")
-    info = S.machine("cpu")
+    info = machine("cpu")  # the hardware description comes from cl_lib.provenance
     assert info["device"] == "cpu" and info["gpu"] is None
     assert info["torch"] == torch.__version__ and info["threads"] >= 1
