@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -46,6 +44,7 @@ import torch
 
 from benchmarks import common
 from cl_lib import train as T
+from cl_lib.files import write_json
 from cl_lib.models import BACKBONES
 
 SCHEMA_VERSION = 1
@@ -390,22 +389,6 @@ def pytest_summary(
     return summary
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write the JSON report atomically (a temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _print_table(benchmark: dict[str, Any]) -> None:
     """One line per case on stdout."""
     for c in benchmark["cases"]:
@@ -455,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.backbone, args.batch_sizes, args.steps, args.warmup, device, args.amp_compare
     )
     report["benchmark"] = benchmark
-    write_report(args.out, report)
+    write_json(args.out, report)
     _print_table(benchmark)
     print(f"report written to {args.out}")
     found = problems(report)

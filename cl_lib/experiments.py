@@ -20,7 +20,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_lib import runtime
+from cl_lib.files import write_json
 from cl_lib.provenance import REPO_ROOT, git_state, machine
 
 __all__ = [
@@ -548,23 +548,6 @@ def _now() -> str:
 # =========================================================================== runner
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read a results file written by :func:`run_experiment` (checks the schema version)."""
     data = json.loads(Path(path).read_text())
@@ -684,7 +667,7 @@ def run_experiment(
     done = _done_keys(results)
     todo = [p for p in plan if (p["cell"], p["seed"], p["config_hash"]) not in done]
     session["runs_planned"] = len(todo)
-    _atomic_json(path, results)
+    write_json(path, results)
     bar = runtime.progress(todo, desc=exp.name, **({} if progress else {"disable": True}))
     for item in bar:
         if progress:
@@ -696,7 +679,7 @@ def run_experiment(
             results.setdefault("failures", []).append(
                 {"cell": item["cell"], "seed": item["seed"], "error": str(error), "at": _now()}
             )
-            _atomic_json(path, results)
+            write_json(path, results)
             continue
         metrics = evaluate_run(train_result, bias=exp.bias, tail_classes=exp.tail_classes)
         results["runs"].append(
@@ -713,9 +696,9 @@ def run_experiment(
             }
         )
         session["end"] = results["provenance"]["end"] = _now()
-        _atomic_json(path, results)
+        write_json(path, results)
     session["end"] = results["provenance"]["end"] = _now()
-    _atomic_json(path, results)
+    write_json(path, results)
     return results
 
 

@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import re
-import tempfile
 import time
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +48,7 @@ import yaml
 from torch import Tensor, nn
 
 from cl_lib import runtime
+from cl_lib.files import atomic_write, write_json
 
 __all__ = [
     "AugmentConfig",
@@ -637,31 +636,6 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` atomically: temporary file in the same folder, fsync, os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def _rng_state() -> dict[str, Any]:
     """Global RNG states as plain values (loadable with ``torch.load(weights_only=True)``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -944,7 +918,7 @@ class _Trainer:
         """Write the checkpoint atomically (rank 0 only); ``mid_epoch``: see run_epoch."""
         state = self.state_dict(mid_epoch)  # collective under DDP: every rank builds it
         if self.ctx.is_main:
-            _atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+            atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
         self.last_checkpoint = self.ckpt_path
 
     def restore(self) -> None:
@@ -1142,7 +1116,7 @@ class _Trainer:
 
 def _write_metrics(trainer: _Trainer) -> None:
     if trainer.ctx.is_main:
-        _write_json(trainer.metrics_path, trainer.history)
+        write_json(trainer.metrics_path, trainer.history, indent=2)
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -1232,7 +1206,7 @@ def _pretrain(
     }
     _write_metrics(trainer)
     if ctx.is_main:
-        _write_json(out_dir / SUMMARY_NAME, summary)
+        write_json(out_dir / SUMMARY_NAME, summary, indent=2)
     say(_summary_text(summary), flush=True)
     return TrainResult(
         model=trainer.model,
