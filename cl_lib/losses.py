@@ -44,8 +44,11 @@ entries are ``-inf`` inside ``logsumexp`` so small temperatures (``tau = 0.01``)
 Memory is O(N^2): at most a ``(V N) x (V N)`` logit matrix, never an ``N x N x D`` tensor.
 Without ``negative_weights``, the balanced family (NT-Xent, decoupled, balanced) computes the
 negatives' log-sum-exp with a fused autograd function that holds one such matrix (the
-exponentiated logits, reused by the backward pass); it supports first derivatives only
-(no double backward).
+exponentiated logits, reused by the backward pass). Higher derivatives are exact: with
+``create_graph=True`` (gradient penalties, Hessian-vector products) its backward is recomputed
+from differentiable operations. Inside :mod:`torch.func` transforms (``grad``, ``vmap``,
+``jacrev``, ...) the losses use plain differentiable operations instead of the fused function
+and skip the data-dependent value checks (transforms forbid data-dependent control flow).
 
 Validation. Bad arguments raise ``ValueError`` naming the argument. Value checks that need the
 data (finiteness, positivity of weights, label ranges) force a host sync on CUDA, so they run
@@ -113,10 +116,18 @@ def set_check_finite(enabled: bool) -> None:
 
 
 def _should_check(tensor: Tensor, check_finite: bool | None) -> bool:
-    """Whether data-dependent checks run: CPU tensors, or when asked per call / globally."""
+    """Whether data-dependent checks run: CPU tensors, or when asked per call / globally;
+    never inside torch.func transforms (no data-dependent control flow there)."""
+    if _transforms_active():
+        return False
     if check_finite is not None:
         return check_finite
     return tensor.device.type == "cpu" or _CHECK_VALUES_GLOBALLY
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _check_finite(tensor: Tensor, name: str, check_finite: bool | None) -> None:
@@ -488,7 +499,8 @@ class _NegativeLogSumExp(torch.autograd.Function):
     ``1 / tau``; shifted by the row maximum for small temperatures) and the masked entries are
     zeroed in place; the backward reuses these unnormalised softmax weights ``E`` for
     ``grad_a = g / (tau S) * E c`` and ``grad_c = E^T (g / (tau S) * a)`` with ``S`` the row
-    sums. Only first derivatives are supported.
+    sums. With ``create_graph=True`` the backward is itself differentiated: it then recomputes
+    the softmax from the inputs with differentiable operations (exact higher derivatives).
     """
 
     @staticmethod
@@ -512,25 +524,50 @@ class _NegativeLogSumExp(torch.autograd.Function):
         weights.exp_()
         weights.index_put_((masked_rows, masked_cols), weights.new_zeros(()))
         total = weights.sum(dim=1, keepdim=True)
-        ctx.save_for_backward(anchors, candidates, weights, total)
+        ctx.save_for_backward(anchors, candidates, weights, total, masked_rows, masked_cols)
         ctx.inv_tau = inv_tau
         lse = total.log()
         return (lse if shift is None else lse + shift).squeeze(1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: Tensor
     ) -> tuple[Tensor | None, ...]:
         """Gradients w.r.t. anchors and candidates (two matmuls with the saved weights)."""
-        anchors, candidates, weights, total = ctx.saved_tensors
-        coef = grad.unsqueeze(1) * ctx.inv_tau / total  # (A, 1)
+        anchors, candidates, weights, total, rows, cols = ctx.saved_tensors
+        inv_tau = ctx.inv_tau
+        if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
+            logits = _masked_logits(anchors, candidates, inv_tau, rows, cols)
+            weights, total = torch.softmax(logits, dim=1), 1.0
+        coef = grad.unsqueeze(1) * inv_tau / total  # (A, 1)
         grad_anchors = grad_candidates = None
         if ctx.needs_input_grad[0]:
             grad_anchors = torch.mm(weights, candidates).mul_(coef)
         if ctx.needs_input_grad[1]:
             grad_candidates = torch.mm(weights.T, anchors * coef)
         return grad_anchors, grad_candidates, None, None, None, None
+
+
+def _masked_logits(
+    anchors: Tensor, candidates: Tensor, inv_tau: float, rows: Tensor, cols: Tensor
+) -> Tensor:
+    """``<a_i, c_k> / tau`` with ``-inf`` at the masked ``(rows, cols)``; differentiable."""
+    logits = torch.mm(anchors * inv_tau, candidates.T)
+    return logits.index_put((rows, cols), logits.new_tensor(float("-inf")))
+
+
+def _negative_lse(
+    anchors: Tensor,
+    candidates: Tensor,
+    inv_tau: float,
+    rows: Tensor,
+    cols: Tensor,
+    bounded: bool,
+) -> Tensor:
+    """:class:`_NegativeLogSumExp`, or plain differentiable operations inside torch.func."""
+    if _transforms_active():
+        return torch.logsumexp(_masked_logits(anchors, candidates, inv_tau, rows, cols), dim=1)
+    return _NegativeLogSumExp.apply(anchors, candidates, inv_tau, rows, cols, bounded)
 
 
 @dataclass(frozen=True)
@@ -566,7 +603,7 @@ def _view_parts(
     rows = torch.arange(num_views * batch, device=z.device)
     view_starts = torch.arange(num_views, device=z.device) * total
     cols = view_starts.unsqueeze(0) + (rows % batch + offset).unsqueeze(1)  # (V*N, V)
-    lse = _NegativeLogSumExp.apply(
+    lse = _negative_lse(
         z.reshape(num_views * batch, dim),
         candidates.reshape(num_views * total, dim),
         1.0 / temperature,
