@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import cl_lib.augment as augment_mod
 import cl_lib.train as train_mod
 from cl_lib import experiments as ex
 from cl_lib import losses as L
@@ -119,7 +122,7 @@ def test_resume_after_kill_runs_only_the_rest(tmp_path, monkeypatch):
         lambda config, **kw: calls.append(config.out_dir) or real(config, **kw),
     )
     second = run(tmp_path, exp)
-    assert len(calls) == 1 and calls[0].endswith("lam=2.0-s0")
+    assert len(calls) == 1 and Path(calls[0]).name.startswith("lam=2.0-s0-")
     assert [r["cell"] for r in second["runs"]] == ["lam=1.0", "lam=2.0"]
     assert second["runs"][0] == json.loads(json.dumps(first["runs"][0]))  # kept as it was
     assert len(second["sessions"]) == 2
@@ -139,7 +142,7 @@ def test_half_finished_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "evaluate_run", failing)
     with pytest.raises(RuntimeError):
         run(tmp_path, exp, seeds=(0,))
-    assert (tmp_path / "runs" / "half" / "lam=1.0-s0" / "checkpoint.pt").exists()
+    assert len(list((tmp_path / "runs" / "half").glob("lam=1.0-s0-*/checkpoint.pt"))) == 1
 
     epochs_trained: list[int] = []
     real_epoch = train_mod._Trainer.run_epoch
@@ -156,23 +159,92 @@ def test_half_finished_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert len(results["runs"][0]["history"]) == 2
 
 
-def test_changed_config_is_not_skipped(tmp_path, monkeypatch):
+def test_changed_config_is_refused_not_mixed_into_the_file(tmp_path, monkeypatch):
+    """Issue 14: other overrides into the same file are refused (nothing runs); elsewhere run."""
     exp = tiny_experiment("changed")
-    run(tmp_path, exp, seeds=(0,))
+    first = run(tmp_path, exp, seeds=(0,))
+    before = (tmp_path / "results" / "changed.json").read_text()
     calls: list[str] = []
     real = train_mod.pretrain
     monkeypatch.setattr(
         train_mod, "pretrain", lambda c, **kw: calls.append(c.out_dir) or real(c, **kw)
     )
-    # a different temperature changes the hash: both cells run again, in fresh folders
-    results = ex.run_experiment(
+    with pytest.raises(ValueError, match=r"loss\.temperature: 0\.2 -> 0\.3.*one configuration"):
+        run(tmp_path, exp, overrides=["loss.temperature=0.3"])
+    with pytest.raises(ValueError, match="'quick' sizing, this grid runs at 'full'"):
+        run(tmp_path, exp, full=True)
+    assert calls == [] and (tmp_path / "results" / "changed.json").read_text() == before
+    # written elsewhere, the changed configuration runs in fresh folders of its own
+    other = ex.run_experiment(
         exp,
-        out=tmp_path / "results",
-        runs_dir=tmp_path / "runs2",
+        out=tmp_path / "other",
+        runs_dir=tmp_path / "runs",
         overrides=["loss.temperature=0.3"],
         progress=False,
     )
-    assert len(calls) == 2 and len(results["runs"]) == 4
+    assert len(calls) == 2 and len(other["runs"]) == 2
+    assert {Path(c).parent for c in calls} == {tmp_path / "runs" / "changed"}
+    assert not {Path(c).name for c in calls} & {
+        Path(r["config"]["out_dir"]).name for r in first["runs"]
+    }
+
+
+def test_readers_refuse_files_that_mix_configurations():
+    def run_(seed: int, temperature: float) -> dict:
+        config = train_mod.config_to_dict(
+            train_mod.load_config(None, [f"loss.temperature={temperature}", f"seed={seed}"])
+        )
+        return {"cell": "a", "seed": seed, "config": config, "metrics": {"knn_acc": 0.5}}
+
+    grid = {"cells": [{"cell": "a", "params": {}}]}
+    mixed = {"grid": grid, "runs": [run_(0, 0.2), run_(1, 0.3)]}
+    with pytest.raises(ValueError, match="mix 2 configurations in cell 'a'"):
+        ex.summarise(mixed, "knn_acc")
+    twice = {"grid": grid, "runs": [run_(0, 0.2), run_(0, 0.2)]}
+    with pytest.raises(ValueError, match="more than once"):
+        ex.paired_differences(twice, "a")
+    assert (
+        ex.summarise({"grid": grid, "runs": [run_(0, 0.2), run_(1, 0.2)]}, "knn_acc")[0]["n"] == 2
+    )
+
+
+def test_old_schema_files_are_read_but_not_extended(tmp_path):
+    exp = tiny_experiment("old")
+    run(tmp_path, exp, seeds=(0,))
+    path = tmp_path / "results" / "old.json"
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1
+    path.write_text(json.dumps(data))
+    assert ex.load_results(path)["schema_version"] == 1
+    with pytest.raises(ValueError, match="older runner.*move .*old.json away"):
+        run(tmp_path, exp, seeds=(0, 1))
+
+
+def test_undecodable_results_file_is_named(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"schema_version": 2, "runs": [')
+    with pytest.raises(ValueError, match=r"results file .*broken\.json is not valid JSON"):
+        ex.load_results(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="broken.json has schema_version None"):
+        ex.load_results(path)
+
+
+def test_smoke_sizing_writes_elsewhere_and_is_marked(tmp_path, capsys):
+    exp = tiny_experiment("smk")
+    plan = ex._plan(exp, False, (0,), (), tmp_path, smoke=True)
+    assert plan[0]["config"].data.size == 1024 and plan[0]["config"].optim.epochs == 3
+    small = ["data.size=64", "data.test_size=32", "geometry_size=16"]  # keep the test fast
+    results = run(tmp_path, exp, smoke=True, overrides=small)
+    assert not (tmp_path / "results" / "smk.json").exists()
+    on_disk = ex.load_results(tmp_path / "results" / "smoke" / "smk.json")
+    assert on_disk["profile"] == results["profile"] == "smoke"
+    assert on_disk["warning"] == ex.SMOKE_WARNING
+    assert on_disk["runs"][0]["config"]["optim"]["epochs"] == 3  # the smoke sizing, after TINY
+    ex.print_provenance(on_disk)
+    assert "WARNING: smoke sizing" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="exclude each other"):
+        run(tmp_path, exp, smoke=True, full=True)
 
 
 def test_config_hash_ignores_paths_only():
@@ -349,3 +421,131 @@ def test_stored_results_load_and_print(capsys):
     assert f"{len(results['runs'])} runs" in out
     for cell in results["grid"]["cells"]:
         assert cell["cell"] in out
+
+
+def test_failed_run_makes_the_cli_exit_nonzero(tmp_path, monkeypatch, capsys):
+    """Issue 14: a corrupt checkpoint fails its run; the grid records it and exits 1."""
+    exp = tiny_experiment("corrupt")
+    monkeypatch.setitem(ex.EXPERIMENTS, "corrupt", exp)
+    plan = ex._plan(exp, False, (0,), (), tmp_path / "runs")
+    bad = Path(plan[0]["config"].out_dir)
+    bad.mkdir(parents=True)
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    argv = ["corrupt", "--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+    assert ex.main([*argv, "--no-progress"]) == 1
+    results = ex.load_results(tmp_path / "results" / "corrupt.json")
+    assert [f["cell"] for f in results["failures"]] == ["lam=1.0"]
+    assert [r["cell"] for r in results["runs"]] == ["lam=2.0"]  # the grid went on
+    assert results["sessions"][-1]["failed_runs"] == 1
+    assert "FAILED lam=1.0 seed 0" in capsys.readouterr().err
+    (bad / "checkpoint.pt").unlink()  # repaired: the rerun retries only the failed run
+    assert ex.main([*argv, "--no-progress"]) == 0
+    assert len(ex.load_results(tmp_path / "results" / "corrupt.json")["runs"]) == 2
+
+
+def schema2_results(knn: dict[str, list[float]], plateau: set[tuple[str, int]]) -> dict:
+    """A schema-2 results dict: NT-Xent runs with a healthy or a plateau loss history."""
+    config = train_mod.config_to_dict(train_mod.load_config(None, ["loss.temperature=0.2"]))
+    n = config["optim"]["batch_size"]
+    runs = []
+    for cell, values in knn.items():
+        for seed, acc in enumerate(values):
+            flat = (cell, seed) in plateau
+            losses = [math.log(2 * n - 1)] * 4 if flat else [4.0, 3.0, 2.0, 1.5]
+            runs.append(
+                {
+                    "cell": cell,
+                    "seed": seed,
+                    "config": {**config, "seed": seed},
+                    "history": [{"loss": v} for v in losses],
+                    "metrics": {"knn_acc": acc, "knn_random_init": 0.2},
+                }
+            )
+    cells = [{"cell": c, "params": {}} for c in knn]
+    return {"schema_version": 2, "grid": {"cells": cells}, "runs": runs}
+
+
+def test_paired_stats_intervals_and_flag_exclusion(capsys):
+    results = schema2_results(
+        {
+            "ref": [0.80, 0.78, 0.82, 0.79, 0.81],
+            "up": [0.85, 0.84, 0.86, 0.83, 0.90],  # seed 4 is on the plateau: left out
+            "same": [0.81, 0.77, 0.83, 0.78, 0.82],
+        },
+        plateau={("up", 4)},
+    )
+    stats = ex.paired_stats(results, "ref")
+    up = stats["up"]
+    diffs = [0.05, 0.06, 0.04, 0.04]
+    assert up["n"] == 4 and up["differences"] == pytest.approx(diffs)
+    assert up["excluded"] == 1 and up["excluded_seeds"] == [4] and up["seeds"] == [0, 1, 2, 3]
+    t = torch.tensor(diffs, dtype=torch.float64)
+    half = 3.182446305284263 * float(t.std()) / 2  # t_{0.975,3} sd / sqrt(4)
+    assert up["mean"] == pytest.approx(float(t.mean())) and up["high"] == pytest.approx(
+        float(t.mean()) + half
+    )
+    assert up["distinguishable"] and up["verdict"] == "higher" and up["sign_holds"] == 4
+    same = stats["same"]
+    assert same["n"] == 5 and same["verdict"] == "not distinguishable at 5 seeds"
+    assert same["sign_holds"] == 3
+    # the raw differences: the flagged pair is dropped on schema-2 files unless asked to keep it
+    assert len(ex.paired_differences(results, "ref")["up"]) == 4
+    assert len(ex.paired_differences(results, "ref", exclude_flagged=False)["up"]) == 5
+    row = {r["cell"]: r for r in ex.summarise(results, "knn_acc")}["up"]
+    assert row["runs"] == 5 and row["n"] == 4 and row["flagged"] == row["flagged_plateau"] == 1
+    assert row["flagged_seeds"] == [4] and row["median"] == pytest.approx(0.84)  # torch: lower
+    ex.print_paired(results, "ref")
+    ex.print_table(results, {"kNN %": "knn_acc"}, scale={"kNN %": 100.0})
+    out = capsys.readouterr().out
+    assert "not distinguishable at 5 seeds" in out and "1 flagged pair(s) left out" in out
+    assert "higher on 4 of 4 seeds" in out and "1 (1, 0)" in out
+
+
+def test_initial_model_is_the_runs_initialisation_and_rho_is_recorded(tmp_path):
+    from cl_lib.evaluate import knn_accuracy
+
+    results = run(tmp_path, tiny_experiment("init"), seeds=(1,))
+    r = results["runs"][0]
+    config = train_mod.load_config(None, [])
+    config = train_mod.TrainConfig(**{**config.__dict__, "seed": 1})
+    init = ex.initial_model(config, 3)
+    train = load_dataset("shapes", "train", size=64, seed=1)
+    test = load_dataset("shapes", "test", size=32, seed=1)
+    bank, query = extract_features(init, train.images), extract_features(init, test.images)
+    knn = knn_accuracy(bank, train.labels, query, test.labels, k=20, temperature=0.07)
+    assert knn == pytest.approx(r["metrics"]["knn_random_init"], abs=1e-9)
+    rho = r["metrics"]["rho"]
+    assert rho["num_images"] == 32 and 0.0 <= rho["init"] <= 2.0 and 0.0 <= rho["final"] <= 2.0
+    assert r["eval_time_s"] > 0
+
+
+def test_bias_controls_measure_the_initial_encoder_and_the_reference_augmentation(monkeypatch):
+    calls = []
+
+    def fake(model, augment, *, seed, image_size):
+        calls.append((model, augment.strength))
+        return {"h": {"bias": float(len(calls))}}
+
+    monkeypatch.setattr(ex, "measure_bias", fake)
+    monkeypatch.setattr(
+        augment_mod, "make_augment", lambda name, size, strength: SimpleNamespace(strength=strength)
+    )
+    torch.manual_seed(0)
+    trained, init = build_model("small_cnn"), build_model("small_cnn")
+    config = train_mod.load_config(None, ["augment.strength=0.5"])
+    out = ex._bias_with_controls(trained, init, config, 32, 1.0)
+    assert [(m is trained, s) for m, s in calls] == [
+        (True, 0.5),
+        (False, 0.5),
+        (True, 1.0),
+        (False, 1.0),
+    ]
+    assert [out[k]["h"]["bias"] for k in ("bias", "bias_init", "bias_ref", "bias_init_ref")] == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    ]
+    calls.clear()  # at the reference strength the own measurement is the reference one
+    out = ex._bias_with_controls(trained, init, train_mod.load_config(None, []), 32, 1.0)
+    assert len(calls) == 2 and out["bias_ref"] is out["bias"]
