@@ -549,3 +549,21 @@ def test_bias_controls_measure_the_initial_encoder_and_the_reference_augmentatio
     calls.clear()  # at the reference strength the own measurement is the reference one
     out = ex._bias_with_controls(trained, init, train_mod.load_config(None, []), 32, 1.0)
     assert len(calls) == 2 and out["bias_ref"] is out["bias"]
+
+
+def test_every_shapes_grid_runs_the_recipe_with_enough_seeds(tmp_path):
+    """Issue 11: one working recipe (682 steps of 128) for all shapes grids; 5 seeds for A-D."""
+    for name, exp in ex.EXPERIMENTS.items():
+        assert len(exp.seeds) >= (5 if exp.bias or name in ("balance_grid", "long_tailed") else 3)
+        plan = ex._plan(exp, False, exp.seeds[:1], (), tmp_path)
+        for item in plan:
+            c = item["config"]
+            assert c.data.name == "shapes" and c.optim.epochs == 22 and c.data.test_size == 2000
+            if name != "batch_size":
+                assert c.optim.batch_size == 128
+            if name == "long_tailed":  # 10000 rendered, about 4080 kept at ratio 10: 31 steps
+                assert c.data.size == 10000 and c.data.imbalance_ratio == 10.0
+            else:
+                assert c.data.size == 4000 and 4000 // 128 * 22 == 682
+    for name in ("aug_strength", "debiased_positives", "balance_grid", "long_tailed"):
+        assert len(ex.EXPERIMENTS[name].seeds) >= 5
