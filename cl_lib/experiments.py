@@ -1249,6 +1249,9 @@ def print_paired(
         ci = "n/a" if st["n"] < 2 else f"[{f * st['low']:+.3g}, {f * st['high']:+.3g}]"
         sign = "higher" if st["mean"] > 0 else "lower"
         excluded = f"; {st['excluded']} flagged pair(s) left out" if st["excluded"] else ""
+        if st["n"] == 0:
+            print(f"  {cell:<44} no unflagged pair{excluded}")
+            continue
         print(
             f"  {cell:<44} mean {f * st['mean']:+.3g} {ci}, n {st['n']}, {sign} on "
             f"{st['sign_holds']} of {st['n']} seeds: {st['verdict']}{excluded}"

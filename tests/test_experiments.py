@@ -499,6 +499,10 @@ def test_paired_stats_intervals_and_flag_exclusion(capsys):
     out = capsys.readouterr().out
     assert "not distinguishable at 5 seeds" in out and "1 flagged pair(s) left out" in out
     assert "higher on 4 of 4 seeds" in out and "1 (1, 0)" in out
+    ex.print_paired(results, "ref", cells=["up"], metric="knn_acc", scale=1.0)
+    gone = schema2_results({"ref": [0.8, 0.8], "flat": [0.1, 0.1]}, {("flat", 0), ("flat", 1)})
+    ex.print_paired(gone, "ref")
+    assert "flat" in (last := capsys.readouterr().out) and "no unflagged pair; 2 flagged" in last
 
 
 def test_initial_model_is_the_runs_initialisation_and_rho_is_recorded(tmp_path):
