@@ -57,6 +57,15 @@ def _check_features(name: str, x: object, ndim: int = 2) -> Tensor:
     return x
 
 
+def _check_finite(name: str, x: Tensor) -> None:
+    """Raise if ``x`` holds NaN or inf (one host sync; evaluation is not a hot path)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} must be finite, got NaN or inf values (did the encoder diverge? "
+            f"check the run's loss)"
+        )
+
+
 def _check_labels(name: str, y: object, n: int, n_name: str) -> Tensor:
     if not isinstance(y, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
@@ -198,6 +207,8 @@ def _check_knn_inputs(
     _check_features("train_features", train_features)
     _check_features("test_features", test_features)
     _check_same_dim("train_features", train_features, "test_features", test_features)
+    _check_finite("train_features", train_features)
+    _check_finite("test_features", test_features)
     n_train = train_features.shape[0]
     _check_labels("train_labels", train_labels, n_train, "train_features")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n_train:
@@ -297,6 +308,8 @@ def linear_probe(
     _check_features("train_features", train_features)
     _check_features("test_features", test_features)
     _check_same_dim("train_features", train_features, "test_features", test_features)
+    _check_finite("train_features", train_features)
+    _check_finite("test_features", test_features)
     n = train_features.shape[0]
     _check_labels("train_labels", train_labels, n, "train_features")
     _check_labels("test_labels", test_labels, test_features.shape[0], "test_features")
