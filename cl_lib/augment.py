@@ -16,6 +16,12 @@ op on float images (``resized_crop``, ``rotate``, ``hflip``, ``adjust_*``, ``rgb
 ``gaussian_blur``); the tests check this. Crop boxes are continuous (sub-pixel) rather than
 torchvision's integer boxes; an integer box reproduces ``resized_crop``.
 
+Input range. Images are floats in ``[0, 1]`` (uint8 images divided by 255): the colour ops
+clamp to ``[0, 1]``, so ``[0, 255]`` floats would saturate. On the CPU the range is checked
+(one pass over the batch) and values outside it raise ``ValueError``; on other devices the
+check would force a host sync per batch, so it runs only when asked with ``check_range=True``
+(the training loop divides uint8 images by 255 itself).
+
 Speed: on the CPU, batches above 128 images are processed in chunks of 128 (every operation
 is per image, so results are unchanged) so that the elementwise colour passes stay in cache;
 masks are applied with ``torch.lerp`` (0/1 weights, exact) rather than ``torch.where``, which
@@ -229,13 +235,23 @@ class BatchAugment(torch.nn.Module):
         """Shown by ``print(module)``."""
         return f"size={self.size}, config={self.config}"
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augmented copy of ``x``: same dtype, shape ``(B, C, size, size)``, values in [0, 1]."""
+    def forward(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        check_range: bool | None = None,
+    ) -> Tensor:
+        """Augmented copy of ``x``: same dtype, shape ``(B, C, size, size)``, values in [0, 1].
+
+        ``x`` must lie in [0, 1]; ``check_range`` (default: on the CPU only) checks it.
+        """
         _check_images(x)
         if self.config.is_identity and (self.size is None or x.shape[-2:] == (self.size,) * 2):
+            _check_range(x, check_range)
             return x.clone()
         params = self.sample_params(x.shape[0], x.device, generator, image_shape=x.shape[-2:])
-        return self.apply(x, params)
+        return self.apply(x, params, check_range=check_range)
 
     # ---- parameters ---------------------------------------------------------------------
 
@@ -331,16 +347,20 @@ class BatchAugment(torch.nn.Module):
 
     # ---- application --------------------------------------------------------------------
 
-    def apply(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Apply ``params`` (as from :meth:`sample_params`) to ``x``; deterministic.
+    def apply(
+        self, x: Tensor, params: dict[str, Tensor], *, check_range: bool | None = None
+    ) -> Tensor:
+        """Apply ``params`` (as from :meth:`sample_params`) to ``x`` (in [0, 1]); deterministic.
 
         Keys: ``crop`` (B, 4) top/left/height/width fractions, ``angle`` (B,) degrees
         (counter-clockwise), ``flip`` (B,) bool, ``jitter`` (B,) bool with ``brightness``,
         ``contrast``, ``saturation`` (B,) factors and ``hue`` (B,) shift, ``perm`` (B, 3)
         channel order, ``invert`` (B,) bool, ``gain`` (B, 3), ``gray`` (B,) bool, ``blur``
         (B,) bool with ``sigma`` (B,). Ops whose config range is zero are skipped.
+        ``check_range``: see :meth:`forward`.
         """
         _check_images(x)
+        _check_range(x, check_range)
         missing = set(self.identity_params(0)) - set(params)
         if missing:
             raise ValueError(f"params is missing keys {sorted(missing)}")
@@ -460,6 +480,16 @@ def _check_images(x: Tensor) -> None:
         raise ValueError("x must be a float tensor of shape (B, C, H, W)")
     if x.shape[1] not in (1, 3):
         raise ValueError(f"x must have 1 or 3 channels, got {x.shape[1]}")
+
+
+def _check_range(x: Tensor, check_range: bool | None) -> None:
+    """Raise unless ``x`` lies in [0, 1]; runs on the CPU, elsewhere only when asked (sync)."""
+    if not (x.device.type == "cpu" if check_range is None else check_range) or x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+        scale = " (divide uint8-range images by 255)" if hi > 1.0 else ""
+        raise ValueError(f"x must hold values in [0, 1]{scale}, got values in [{lo:.4g}, {hi:.4g}]")
 
 
 def simclr_cifar(size: int = 32, strength: float = 1.0, *, blur_p: float = 0.0) -> BatchAugment:
