@@ -466,6 +466,10 @@ def _torchvision_class(name: str, check_integrity: bool) -> type:
     return type(f"Unchecked{base.__name__}", (base,), attrs)
 
 
+class DownloadError(OSError):
+    """A dataset download failed (no network, a server error, a full disk)."""
+
+
 def load_torchvision(
     name: str,
     root: str | Path,
@@ -492,7 +496,7 @@ def load_torchvision(
     folder = root / _TORCHVISION_FOLDERS[name]
     hint = (
         f"{name} was not found (or is incomplete) in {folder}. Download it once with "
-        f"download=True (command line: --download), or put the extracted "
+        f"download=True (train config: the override data.download=true), or put the extracted "
         f"'{_TORCHVISION_FOLDERS[name]}' folder under {root}."
     )
     if not download and not folder.is_dir():
@@ -503,6 +507,15 @@ def load_torchvision(
         dataset = cls(str(root), download=download, **kwargs)
     except RuntimeError as error:
         raise FileNotFoundError(f"{hint} (torchvision: {error})") from error
+    except OSError as error:  # URLError (no network), HTTPError, a full disk, ...
+        if not download:
+            raise FileNotFoundError(f"{hint} ({error})") from error
+        raise DownloadError(
+            f"could not download {name} into {root} ({type(error).__name__}: {error}). Check the "
+            f"network and the free disk space, or download it elsewhere and put the extracted "
+            f"'{_TORCHVISION_FOLDERS[name]}' folder under {root}, then set download=False "
+            f"(data.download=false)."
+        ) from None
     if name == "stl10":
         images = torch.from_numpy(np.ascontiguousarray(dataset.data))
         labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))

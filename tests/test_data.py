@@ -265,7 +265,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     """download=False on an empty root: FileNotFoundError naming download=True and the folder."""
     with pytest.raises(FileNotFoundError, match="download=True") as info:
         load_dataset("cifar10", root=tmp_path)
-    assert "cifar-10-batches-py" in str(info.value) and "--download" in str(info.value)
+    assert "cifar-10-batches-py" in str(info.value) and "data.download=true" in str(info.value)
     with pytest.raises(ValueError, match="name"):
         load_torchvision("mnist", tmp_path)
 
