@@ -9,6 +9,10 @@
 
 Add a command by adding an entry to :data:`COMMANDS`: name -> (help, add_arguments, handler);
 the handler takes the parsed ``argparse.Namespace`` and returns the exit status.
+
+Errors end in one ``error: ...`` line on stderr, never a traceback: exit status 2 for bad
+input (config, arguments, a damaged checkpoint), 1 for a run that stopped (non-finite loss,
+run folder in use or not writable, full disk, no network, Ctrl-C); what was saved is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+
+from cl_lib.train import TrainingError
 
 Handler = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], None]
@@ -89,6 +95,24 @@ COMMANDS: dict[str, tuple[str, Configure, Handler]] = {
 """Subcommands: name -> (help, add_arguments(parser), handler(args) -> exit status)."""
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a command's own arguments are parsed intermixed, so overrides may come
+    after flags (``train --config C a=1 --no-resume b=2``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        return parser.parse_args(argv)  # help, or an error listing the commands
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def _fail(message: object, status: int) -> int:
+    """Print ``error: message`` on stderr and return ``status``."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="python -m cl_lib", description=__doc__.split("\n")[0])
@@ -101,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command; bad configs and arguments print a one-line error and return 2."""
-    args = build_parser().parse_args(argv)
+    """Run a command; errors print one line (no traceback) and return 2 (bad input) or 1."""
+    args = _parse(build_parser(), argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(error, 2)
+    except KeyboardInterrupt as error:
+        return _fail(str(error) or "interrupted", 1)
+    except (TrainingError, OSError) as error:  # run folder, full disk, no network, NaN loss
+        return _fail(error, 1)
 
 
 if __name__ == "__main__":

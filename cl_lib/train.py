@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
 import re
+import socket
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,18 +49,28 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: run folders are not locked)
+    fcntl = None  # type: ignore[assignment]
+
 from cl_lib import runtime
 from cl_lib.files import atomic_write, write_json
 
 __all__ = [
     "AugmentConfig",
+    "CheckpointError",
     "DataConfig",
     "LARS",
     "LossConfig",
     "ModelConfig",
+    "NonFiniteLossError",
     "OptimConfig",
+    "RunFolderError",
     "TrainConfig",
     "TrainResult",
+    "TrainingError",
+    "TrainingInterrupted",
     "AllReduceBatchNorm",
     "WarmupCosine",
     "config_from_dict",
@@ -73,6 +85,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 SUMMARY_NAME = "summary.json"
 CONFIG_NAME = "config.yaml"
+LOCK_NAME = ".run.lock"  # advisory lock (fcntl.flock) held by the run writing the folder
 OPTIMIZERS = ("sgd", "lars", "adamw")
 # Config keys that may change between a checkpoint and its resumption.
 RESUME_MUTABLE = frozenset(
@@ -87,8 +100,53 @@ RESUME_MUTABLE = frozenset(
         "data.download",
     }
 )
+# What a checkpoint must hold to resume training, and to be evaluated.
+_RESUME_KEYS = (
+    "config",
+    "epoch",
+    "step_in_epoch",
+    "model",
+    "model_kwargs",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "history",
+    "rng",
+    "mid_epoch",
+)
+_MODEL_KEYS = ("config", "epoch", "model", "model_kwargs")
+_RESUME_ADVICE = (
+    "start afresh in this folder with --no-resume (resume=False), which replaces it, "
+    "or choose another out_dir"
+)
 # Streams of per-epoch randomness (see _derive_seed).
 _ORDER, _VIEWS, _AUGMENT, _GEOMETRY = 0, 1, 2, 3
+
+
+# =========================================================================== errors
+
+
+class TrainingError(RuntimeError):
+    """A run stopped by a fault it cannot repair itself; the message says what to do.
+
+    Whatever was saved before (checkpoint, metrics) is kept.
+    """
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the weights became NaN or inf; the last good checkpoint is kept."""
+
+
+class RunFolderError(TrainingError):
+    """The run folder cannot be used: another run holds it, or it cannot be created or written."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: truncated, damaged, not a checkpoint, or incomplete."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`pretrain`; the message says where the run resumes from."""
 
 
 # =========================================================================== configuration
@@ -111,7 +169,7 @@ class DataConfig:
         """Check value ranges."""
         _require(self.size is None or self.size >= 1, "data.size", "an int >= 1 or null")
         _require(
-            self.test_size is None or self.test_size >= 1, "data.test_size", "an int >= 1 or null"
+            self.test_size is None or self.test_size >= 2, "data.test_size", "an int >= 2 or null"
         )
         _require(
             self.imbalance_ratio is None or self.imbalance_ratio >= 1,
@@ -131,7 +189,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         """Check value ranges."""
-        _require(self.strength >= 0, "augment.strength", "a float >= 0")
+        _require(0 <= self.strength <= 1, "augment.strength", "a float in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -243,6 +301,7 @@ class TrainConfig:
         """Check value ranges."""
         _require(self.seed >= 0, "seed", "an int >= 0")
         _require(_valid_device(self.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(self.out_dir.strip() != "", "out_dir", "a non-empty folder path")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0")
         _require(self.eval_every >= 0, "eval_every", "an int >= 0")
         _require(self.knn_k >= 1, "knn_k", "an int >= 1")
@@ -261,8 +320,29 @@ def _valid_device(device: str) -> bool:
     return device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names the same key twice (YAML would silently keep the last one)."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"key {key!r} appears twice, at lines {first} and {line}; keep one")
+        self.key, self.line, self.first = key, line, first
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+    """SafeLoader that reads ``1e-3`` (no dot) as a float, as YAML 1.2 does, and rejects
+    duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping of ``node``; a key given twice raises :class:`DuplicateKeyError`."""
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                raise DuplicateKeyError(key, line, first[key])
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -375,9 +455,11 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
+        text = _read_config_text(Path(path))
         try:
             loaded = yaml.load(text, Loader=_Loader)  # noqa: S506
+        except DuplicateKeyError as error:
+            raise ValueError(f"config file {path}: {error}") from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path}: invalid YAML ({error})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -388,6 +470,19 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     for override in overrides:
         _apply_override(raw, override)
     return config_from_dict(raw)
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file; a folder or an unreadable file raises ValueError."""
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give a YAML file such as configs/*.yaml")
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise ValueError(f"config file {path} cannot be read ({reason})") from None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -664,7 +759,9 @@ def _nonfinite_message(epoch: int, step: int, last: Path | None) -> str:
     kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written"
     return (
         f"non-finite loss at epoch {epoch + 1}, step {step} (global, 0-based); stopping "
-        f"({kept}). Try a lower optim.lr, a higher loss.temperature or a longer warm-up."
+        f"({kept}). Try a lower optim.lr, a higher loss.temperature or a longer "
+        f"optim.warmup_fraction: rerun with the new value in a new out_dir, or in this one "
+        f"with --no-resume (resume=False), which starts afresh and replaces the checkpoint."
     )
 
 
@@ -781,6 +878,11 @@ class _Trainer:
 
         train, test = _load_data(config, ctx)
         self.train_data, self.test_data = train, test
+        if len(test) < 2 or not bool((test.labels >= 0).any()):
+            raise ValueError(
+                f"config key 'data.test_size': the test split needs >= 2 images, some labelled "
+                f"(alignment, uniformity and kNN use it), got {len(test)}"
+            )
         self.steps_per_epoch = len(train) // opt.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -841,6 +943,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.mid_epoch: dict[str, Any] | None = None  # restored state of an unfinished epoch
         self.last_checkpoint: Path | None = None
+        self.saved_at: tuple[int, int] | None = None  # (epoch, step_in_epoch) of last_checkpoint
         self.stop_state: dict[str, Any] | None = None  # unfinished epoch at a max_steps stop
         self._eval_setup()
 
@@ -918,12 +1021,14 @@ class _Trainer:
         """Write the checkpoint atomically (rank 0 only); ``mid_epoch``: see run_epoch."""
         state = self.state_dict(mid_epoch)  # collective under DDP: every rank builds it
         if self.ctx.is_main:
-            atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+            with _writing(self.ckpt_path):
+                atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
         self.last_checkpoint = self.ckpt_path
+        self.saved_at = (self.epoch, self.step_in_epoch)
 
     def restore(self) -> None:
         """Continue from ``out_dir/checkpoint.pt`` (config must match except RESUME_MUTABLE)."""
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(self.ckpt_path, _RESUME_KEYS, _RESUME_ADVICE)
         saved, now = _flatten(state["config"]), _flatten(config_to_dict(self.cfg))
         diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         diff = [k for k in diff if k not in RESUME_MUTABLE]
@@ -933,13 +1038,19 @@ class _Trainer:
                 f"cannot resume from {self.ckpt_path}: the config differs ({changes}); "
                 f"use another out_dir or resume=False (--no-resume)"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.history = list(state["history"])
-        _set_rng_state(state["rng"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+            self.history = list(state["history"])
+            _set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} is damaged ({_brief(error)}); {_RESUME_ADVICE}"
+            ) from None
+        self.saved_at = (self.epoch, self.step_in_epoch)
         mid = state["mid_epoch"]
         if mid and len(mid) != self.ctx.world:
             raise ValueError(
@@ -1009,7 +1120,7 @@ class _Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         step = int(flag)
         if step >= 0:
-            raise RuntimeError(_nonfinite_message(epoch, step, self.last_checkpoint))
+            raise NonFiniteLossError(_nonfinite_message(epoch, step, self.last_checkpoint))
 
     def _params_finite(self) -> bool:
         flags = [torch.isfinite(p).all() for p in self.model.parameters()]
@@ -1059,7 +1170,7 @@ class _Trainer:
         self._check_finite(first_bad, epoch)
         if not self._params_finite():
             step = epoch * self.steps_per_epoch + self.step_in_epoch - 1
-            raise RuntimeError(_nonfinite_message(epoch, step, self.last_checkpoint))
+            raise NonFiniteLossError(_nonfinite_message(epoch, step, self.last_checkpoint))
         if stopped:
             self.stop_state = {
                 "generators": {k: g.get_state() for k, g in gens.items()},
@@ -1116,7 +1227,145 @@ class _Trainer:
 
 def _write_metrics(trainer: _Trainer) -> None:
     if trainer.ctx.is_main:
-        write_json(trainer.metrics_path, trainer.history, indent=2)
+        with _writing(trainer.metrics_path):
+            write_json(trainer.metrics_path, trainer.history, indent=2)
+
+
+# =========================================================================== run folder
+
+
+def _brief(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _os_reason(error: OSError) -> str:
+    """What an OSError from creating or writing a run folder means, in words."""
+    if isinstance(error, FileExistsError):
+        return "it is a file, not a folder"
+    if isinstance(error, NotADirectoryError):
+        return "a part of the path is a file, not a folder"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == errno.ENOSPC:
+        return "no space left on the disk"
+    return error.strerror or str(error)
+
+
+def _lock_run_folder(out_dir: Path) -> Any:
+    """Create ``out_dir``, lock it for this process (``fcntl.flock``, released when the process
+    ends) and remove stale temporary files; the open lock file is returned."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held until the run ends)
+    except OSError as error:
+        raise RunFolderError(
+            f"config key 'out_dir' ({out_dir}) cannot be used as the run folder: "
+            f"{_os_reason(error)}; choose another out_dir"
+        ) from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise RunFolderError(
+                f"run folder {out_dir} is in use by another training run ({holder}, lock file "
+                f"{out_dir / LOCK_NAME}); wait for it to finish or choose another out_dir"
+            ) from None
+        except OSError:  # pragma: no cover (a file system without flock, e.g. some NFS)
+            pass
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
+    return lock
+
+
+@contextlib.contextmanager
+def _run_folder(out_dir: Path, ctx: _Dist) -> Iterator[None]:
+    """Hold ``out_dir`` for this run: rank 0 creates and locks it; its error is raised on every
+    rank (so no rank waits for a rank 0 that gave up)."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = _lock_run_folder(out_dir)
+        except RunFolderError as e:
+            error = e
+    if ctx.world > 1:
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            error = RunFolderError(box[0])
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Around an atomic write of ``path`` into the run folder: a failure (full disk, lost
+    permission) raises :class:`RunFolderError` saying what was kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        reason = _os_reason(error) if isinstance(error, OSError) else _brief(error)
+        ckpt = path.parent / CHECKPOINT_NAME
+        kept = f"the previous checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint yet"
+        raise RunFolderError(
+            f"cannot write {path} ({reason}; is the disk full?); {kept}. Free space or fix the "
+            f"folder's permissions, then run the same command again to resume"
+        ) from None
+
+
+def _read_checkpoint(path: Path, needed: Sequence[str], advice: str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint that must hold the keys ``needed``; anything unreadable
+    raises :class:`CheckpointError` (``advice`` says what to do)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({_os_reason(error)}); {advice}"
+        ) from None
+    except Exception as error:  # EOFError, UnpicklingError, zip-archive RuntimeError, ...
+        raise CheckpointError(
+            f"checkpoint {path} is truncated, damaged or not a checkpoint ({_brief(error)}); "
+            f"{advice}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of train; {advice}")
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(repr(k) for k in missing)}, so it cannot be "
+            f"used here; {advice}"
+        )
+    return state
+
+
+def _interrupted_message(out_dir: Path, trainer: _Trainer | None) -> str:
+    """Where an interrupted run can be resumed from."""
+    ckpt = out_dir / CHECKPOINT_NAME
+    saved = trainer.saved_at if trainer is not None else None
+    if saved is not None:
+        epoch, step = saved
+        at = f"after epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
+        return (
+            f"interrupted; the run resumes from {ckpt} (saved {at}): run the same command again "
+            f"(without --no-resume)"
+        )
+    if ckpt.exists():
+        return f"interrupted; {ckpt} is kept: run the same command again to resume from it"
+    return "interrupted before the first checkpoint; run the same command again to start over"
 
 
 def _summary_text(summary: dict[str, Any]) -> str:
@@ -1135,14 +1384,28 @@ def pretrain(config: TrainConfig, *, resume: bool = True, progress: bool = True)
     """Pre-train a contrastive model as ``config`` says; see the module docstring.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` when it exists. ``progress`` shows
-    tqdm bars and per-epoch lines (rank 0 only). Raises ``RuntimeError`` on a non-finite loss
-    (the last good checkpoint stays untouched).
+    tqdm bars and per-epoch lines (rank 0 only). The run holds ``out_dir`` with a lock that
+    ends with its process; errors, each saying what to do (what was saved is kept):
+
+    * :class:`NonFiniteLossError` (a :class:`TrainingError`, a ``RuntimeError``): non-finite
+      loss or weights; the last good checkpoint stays untouched;
+    * :class:`RunFolderError` (likewise): ``out_dir`` is in use by another run, cannot be
+      created, or a write into it failed (full disk);
+    * :class:`CheckpointError` (a ``ValueError``): the checkpoint to resume from is damaged;
+    * :class:`TrainingInterrupted` (a ``KeyboardInterrupt``): Ctrl-C; says where to resume.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     ctx, device = _setup_distributed(config.device)
     try:
-        return _pretrain(config, ctx, device, resume, progress)
+        with _run_folder(Path(config.out_dir), ctx):
+            try:
+                return _pretrain(config, ctx, device, resume, progress)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:
+                message = _interrupted_message(Path(config.out_dir), None)
+                raise TrainingInterrupted(message) from None
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -1152,17 +1415,22 @@ def _pretrain(
     config: TrainConfig, ctx: _Dist, device: torch.device, resume: bool, progress: bool
 ) -> TrainResult:
     out_dir = Path(config.out_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-    if ctx.world > 1:
-        dist.barrier()
     trainer = _Trainer(config, ctx, device)
+    try:
+        return _train(trainer, out_dir, resume, progress)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted_message(out_dir, trainer)) from None
+
+
+def _train(trainer: _Trainer, out_dir: Path, resume: bool, progress: bool) -> TrainResult:
+    """The epochs of :func:`pretrain` and its summary (``out_dir`` is locked)."""
+    config, ctx, device = trainer.cfg, trainer.ctx, trainer.device
     if resume and trainer.ckpt_path.exists():
         trainer.restore()
     if ctx.is_main:
-        (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        text = yaml.safe_dump(config_to_dict(config), sort_keys=False).encode()
+        with _writing(out_dir / CONFIG_NAME):
+            atomic_write(out_dir / CONFIG_NAME, lambda f: f.write(text))
     show = progress and ctx.is_main
     say = print if ctx.is_main else (lambda *a, **k: None)
     if device.type == "cuda":
@@ -1206,7 +1474,8 @@ def _pretrain(
     }
     _write_metrics(trainer)
     if ctx.is_main:
-        write_json(out_dir / SUMMARY_NAME, summary, indent=2)
+        with _writing(out_dir / SUMMARY_NAME):
+            write_json(out_dir / SUMMARY_NAME, summary, indent=2)
     say(_summary_text(summary), flush=True)
     return TrainResult(
         model=trainer.model,
@@ -1231,13 +1500,39 @@ def load_checkpoint_model(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint must be an existing file, got {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    dev = _eval_device(device)
+    advice = "give a checkpoint.pt written by train (python -m cl_lib train)"
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        advice = f"{path.name} looks like a config or metrics file; {advice}"
+    state = _read_checkpoint(path, _MODEL_KEYS, advice)
     config = config_from_dict(state["config"])
-    kwargs = dict(state["model_kwargs"])
-    model = build_model(kwargs.pop("backbone"), **kwargs)
-    model.load_state_dict(state["model"])
-    dev = torch.device(device) if device is not None else runtime.default_device()
+    try:
+        kwargs = dict(state["model_kwargs"])
+        model = build_model(kwargs.pop("backbone"), **kwargs)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged ({_brief(error)}); {advice}") from None
     return model.to(dev).eval(), config, state
+
+
+def _eval_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device (None: the default); CUDA must be available."""
+    if device is None:
+        return runtime.default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {str(device)!r} is not available: this machine has no CUDA GPU; "
+                f"use device 'cpu' (eval --device cpu)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: there are {count} GPUs")
+    return dev
 
 
 def evaluate_checkpoint(
