@@ -448,3 +448,33 @@ def test_augmentations_refuse_images_in_0_255_on_the_cpu() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         make_augment("none", 16)(pixels.float(), gen)  # the identity is checked as well
     augment(pixels.float(), gen, check_range=False)  # opting out (e.g. for speed)
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to python")
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl locks are POSIX")
+def test_a_locked_folder_stops_every_ddp_rank_without_a_hang(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        config = write_config(tmp_path / "c.yaml", run)
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+        cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "cl_lib", "train"]
+        done = subprocess.run(
+            [*cmd, "--config", str(config), "--no-progress"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,  # a rank waiting for rank 0 forever would end here
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("in use by another training run" in e for e in errors)
+    assert "cl_lib/train.py" not in done.stderr  # no worker traceback (torchrun prints its own)
