@@ -320,7 +320,7 @@ def _valid_device(device: str) -> bool:
     return device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None
 
 
-class DuplicateKeyError(yaml.YAMLError):
+class _DuplicateKeyError(yaml.YAMLError):
     """A mapping that names the same key twice (YAML would silently keep the last one)."""
 
     def __init__(self, key: Any, line: int, first: int) -> None:
@@ -333,14 +333,14 @@ class _Loader(yaml.SafeLoader):
     duplicate keys."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        """The mapping of ``node``; a key given twice raises :class:`DuplicateKeyError`."""
+        """The mapping of ``node``; a key given twice raises :class:`_DuplicateKeyError`."""
         first: dict[Any, int] = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 continue
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in first:
-                raise DuplicateKeyError(key, line, first[key])
+                raise _DuplicateKeyError(key, line, first[key])
             first[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -458,7 +458,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         text = _read_config_text(Path(path))
         try:
             loaded = yaml.load(text, Loader=_Loader)  # noqa: S506
-        except DuplicateKeyError as error:
+        except _DuplicateKeyError as error:
             raise ValueError(f"config file {path}: {error}") from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path}: invalid YAML ({error})") from None
