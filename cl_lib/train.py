@@ -1278,12 +1278,19 @@ def _lock_run_folder(out_dir: Path) -> Any:
             ) from None
         except OSError:  # pragma: no cover (a file system without flock, e.g. some NFS)
             pass
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+    except OSError as error:
+        lock.close()
+        raise RunFolderError(
+            f"run folder {out_dir} cannot be written ({_os_reason(error)}); fix its "
+            f"permissions or choose another out_dir"
+        ) from None
     return lock
 
 
