@@ -1040,17 +1040,37 @@ def run_metric(run: Mapping[str, Any], metric: str) -> Any:
 
 # =========================================================================== reading results
 
-RESULTS_URL = "https://raw.githubusercontent.com/cl-book/contrastive-learning-book/main/results"
-"""Web copy of the repository's ``results/`` (used on a fresh runtime such as Colab)."""
-
 
 def load_stored(name: str) -> dict[str, Any]:
-    """Stored ``results/NAME.json``: from the repository when present, else from its web copy."""
+    """Stored ``results/NAME.json``: from the checkout when there is one, else from the source.
+
+    Outside a checkout (Colab) the file comes from the repository the notebook installed
+    ``cl_lib`` from (:func:`cl_lib.source.results_location`, which ``CL_BOOK_SOURCE``
+    overrides); a failure raises :class:`cl_lib.source.SourceError` saying what to do.
+    """
+    from cl_lib.source import SOURCE_ENV, SourceError, results_location
+
     for folder in (REPO_ROOT / "results", Path("results"), Path("../results")):
         if (folder / f"{name}.json").exists():
             return load_results(folder / f"{name}.json")
+    location = results_location()
+    advice = (
+        "Run the chapter inside a clone of the course repository, or set "
+        f"{SOURCE_ENV} to a local clone or to the fork or branch that holds results/{name}.json."
+    )
+    if isinstance(location, Path):
+        if not (location / f"{name}.json").is_file():
+            raise SourceError(f"{location / f'{name}.json'} does not exist. {advice}")
+        return load_results(location / f"{name}.json")
+    url = f"{location}/{name}.json"
     target = Path(tempfile.gettempdir()) / f"{name}.json"
-    urllib.request.urlretrieve(f"{RESULTS_URL}/{name}.json", target)  # fresh runtime (Colab)
+    try:
+        urllib.request.urlretrieve(url, target)
+    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+        raise SourceError(
+            f"Could not fetch the stored results from {url} ({err}). {advice}"
+        ) from None
+    print(f"stored results {name}.json fetched from {url}")
     return load_results(target)
 
 

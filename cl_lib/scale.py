@@ -382,8 +382,11 @@ def _fit_2d(
 # =========================================================================== reporting
 
 
-def accuracy_table(rows: Mapping[str, Mapping[str, float | None]]) -> str:
-    """A text table: one row per run, one column per metric, accuracies in % to 3 digits."""
+def accuracy_table(rows: Mapping[str, Mapping[str, float | str | None]]) -> str:
+    """A text table: one row per run, one column per metric, accuracies in % to 3 digits.
+
+    A value given as a string (e.g. from :meth:`cl_lib.recorded.Recorded.near`) is printed as is.
+    """
     if not rows:
         raise ValueError("rows must map at least one run name to its metrics")
     columns = list(dict.fromkeys(c for metrics in rows.values() for c in metrics))
@@ -393,7 +396,8 @@ def accuracy_table(rows: Mapping[str, Mapping[str, float | None]]) -> str:
         cells = []
         for c in columns:
             value = metrics.get(c)
-            cells.append(f"{'n/a':>16}" if value is None else f"{_pct3(value):>16}")
+            text = "n/a" if value is None else value if isinstance(value, str) else _pct3(value)
+            cells.append(f"{text:>16}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 

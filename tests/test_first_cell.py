@@ -10,12 +10,16 @@ when it is not importable, and does nothing otherwise. The test
    would take minutes, so the venv sees the dependencies of this interpreter through a
    ``.pth`` file naming a folder of symlinks to its site-packages *without* anything of
    ``cl_lib`` (no package, no editable finder, no dist-info);
-3. runs the cell unchanged but for ``REPO`` with the venv's python; pip runs offline
+3. runs the cell unchanged, with ``CL_BOOK_SOURCE`` naming the snapshot (the variable a reader
+   sets for a fork, a branch or a local clone), with the venv's python; pip runs offline
    (``PIP_NO_INDEX``; no build isolation, so setuptools comes from the dependencies): the
    dependencies are found satisfied and only ``cl_lib`` is installed;
 4. checks ``import cl_lib; cl_lib.profile()`` there and the setup cell (second code cell) of
    every chapter, then runs the first cell again with every way of starting a process
-   replaced by one that raises: it must not invoke pip.
+   replaced by one that raises: it must not invoke pip;
+5. executes chapter 1 whole in a fresh runtime (its kernel is the venv's python), and, with
+   ``CL_BOOK_SOURCE`` naming nothing, checks that the cell ends in one clear message (in
+   IPython: no traceback), not a ``CalledProcessError`` followed by a cascade of ``NameError``.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class FreshRuntime:
 
     python: Path
     site_packages: Path
-    repo_url: str  # REPO for the cell: pip installs f"git+{REPO}.git"
+    source: str  # CL_BOOK_SOURCE: the snapshot repository (a local clone)
     workdir: Path  # an empty working directory (the repository is not on sys.path)
     env: dict[str, str]
 
@@ -135,16 +139,15 @@ def _dependency_overlay(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory) -> FreshRuntime:
+def _fresh_runtime(base: Path) -> FreshRuntime:
+    """A new venv without cl_lib, borrowing this interpreter's dependencies, and a snapshot."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed (pip installs the cell's git+ URL with it)")
     if importlib.util.find_spec("pip") is None:
         pytest.skip("pip is not installed for this interpreter (the venv borrows it)")
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: cannot list the working tree's files")
-    base = tmp_path_factory.mktemp("fresh_runtime")
-    repo = base / "course.git"  # the cell appends ".git" to REPO
+    repo = base / "course"
     _snapshot(repo)
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
@@ -170,15 +173,19 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> FreshRuntime:
         PIP_CACHE_DIR=str(base / "pip-cache"),
         MPLBACKEND="Agg",
         TQDM_DISABLE="1",
+        CL_BOOK_SOURCE=str(repo),
     )
-    return FreshRuntime(python, site, f"file://{repo.with_suffix('')}", workdir, env)
+    return FreshRuntime(python, site, str(repo), workdir, env)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> FreshRuntime:
+    return _fresh_runtime(tmp_path_factory.mktemp("fresh_runtime"))
 
 
 def _cell_for(runtime: FreshRuntime) -> str:
-    cell = _first_cell()
-    line = _repo_line(cell)
-    indent = line[: len(line) - len(line.lstrip())]
-    return cell.replace(line, f'{indent}REPO = "{runtime.repo_url}"')
+    """The first cell, unchanged: the runtime's CL_BOOK_SOURCE points it at the snapshot."""
+    return _first_cell()
 
 
 PROBE = """import importlib.util, json, sys
@@ -222,3 +229,80 @@ def test_first_cell_installs_cl_lib_once(fresh: FreshRuntime) -> None:
 
     second = fresh.run(NO_PROCESSES + _cell_for(fresh), "second_run")
     assert second.returncode == 0, f"second run invoked a process:\n{second.stderr}"
+
+
+NOWHERE = "/nonexistent/course-clone"
+
+
+@pytest.mark.slow
+def test_a_failed_install_ends_in_one_clear_message(tmp_path: Path) -> None:
+    """CL_BOOK_SOURCE naming nothing: pip fails, and the cell says what failed and what to do."""
+    runtime = _fresh_runtime(tmp_path)
+    runtime.env["CL_BOOK_SOURCE"] = NOWHERE
+    plain = runtime.run(_cell_for(runtime), "failed_install")
+    assert plain.returncode != 0
+    assert f"Could not install cl_lib from {NOWHERE}" in plain.stderr
+    assert "set CL_BOOK_SOURCE to a fork" in plain.stderr
+    assert "CalledProcessError" not in plain.stderr
+
+    # In Jupyter (IPython) the message is shown alone, without a traceback.
+    shell = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        f"result = shell.run_cell({_cell_for(runtime)!r})\n"
+        "print('ERROR TYPE', type(result.error_in_exec).__name__)\n"
+    )
+    ipython = runtime.run(shell, "failed_install_ipython")
+    shown = ipython.stdout + ipython.stderr
+    assert "ERROR TYPE InstallError" in shown, shown
+    assert f"Could not install cl_lib from {NOWHERE}" in shown
+    assert "Traceback" not in shown and "CalledProcessError" not in shown
+
+
+def _execute_chapter_one(runtime: FreshRuntime, name: str) -> subprocess.CompletedProcess:
+    """Execute chapter 1 with nbclient in the venv (the kernel is the venv's python)."""
+    env = {k: v for k, v in runtime.env.items() if k != "MPLBACKEND"}  # the kernel's own backend
+    script = runtime.workdir / f"execute_{name}.py"
+    script.write_text(
+        "import nbclient, nbformat, sys\n"
+        f"nb = nbformat.read({str(NOTEBOOKS[0])!r}, as_version=4)\n"
+        "for cell in nb.cells:\n"
+        "    cell.pop('outputs', None) if cell.cell_type != 'code' else cell.update(outputs=[])\n"
+        "client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,\n"
+        f"    resources={{'metadata': {{'path': {str(runtime.workdir)!r}}}}})\n"
+        "try:\n"
+        "    client.execute()\n"
+        "except nbclient.exceptions.CellExecutionError as err:\n"
+        "    ran = [c for c in nb.cells if c.cell_type == 'code' and c.get('outputs')]\n"
+        "    print('FAILED AFTER', len(ran), 'CELLS WITH OUTPUT'); print(err.ename, err.evalue)\n"
+        "    sys.exit(3)\n"
+        "print('EXECUTED', sum(c.cell_type == 'code' for c in nb.cells), 'CODE CELLS')\n",
+        encoding="utf-8",
+    )
+    return subprocess.run(
+        [str(runtime.python), str(script)],
+        cwd=runtime.workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_chapter_one_runs_in_a_fresh_runtime_and_fails_clearly_without_a_source(
+    tmp_path: Path,
+) -> None:
+    """Chapter 1, top to bottom, in a venv without cl_lib: installed from CL_BOOK_SOURCE."""
+    nowhere = _fresh_runtime(tmp_path / "nowhere")
+    nowhere.env["CL_BOOK_SOURCE"] = NOWHERE
+    failed = _execute_chapter_one(nowhere, "nowhere")
+    assert failed.returncode == 3, failed.stdout + failed.stderr[-2000:]
+    assert "FAILED AFTER 1 CELLS WITH OUTPUT" in failed.stdout  # stopped at the first cell
+    assert f"InstallError Could not install cl_lib from {NOWHERE}" in failed.stdout
+
+    runtime = _fresh_runtime(tmp_path / "clone")
+    done = _execute_chapter_one(runtime, "clone")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "EXECUTED" in done.stdout
