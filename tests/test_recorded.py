@@ -78,8 +78,12 @@ def test_the_notebook_sanitizer_hides_only_the_approximate_numbers() -> None:
     """Two CPUs' outputs compare equal after sanitizing; the exact numbers beside them do not."""
     a = "kNN: trained ≈13.3%, random init 20.7%, loss ≈-4.82e-01"
     b = "kNN: trained ≈12.9%, random init 20.7%, loss ≈-4.79e-01"
-    assert _sanitize(a) == _sanitize(b) == "kNN: trained ≈NUM%, random init 20.7%, loss ≈NUM"
+    assert _sanitize(a) == _sanitize(b) == "kNN: trained≈NUM%, random init 20.7%, loss≈NUM"
     assert _sanitize(a) != _sanitize(a.replace("20.7%", "21.7%"))
+    # a padded table column: the padding follows the width of the number
+    row_a = f"{'≈9.87 +- ≈1%':>17} | {'≈0.310':<9}| 20.7"
+    row_b = f"{'≈10.1 +- ≈0.98%':>17} | {'≈0.31':<9}| 20.7"
+    assert _sanitize(row_a) == _sanitize(row_b) == "≈NUM+-≈NUM% |≈NUM| 20.7"
 
 
 def test_every_recorded_file_matches_its_chapter() -> None:
