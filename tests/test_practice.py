@@ -105,3 +105,27 @@ def test_lengthening_one_instance_drives_the_raw_derived_loss_down_without_bound
 def test_bad_arguments_are_named(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_heat_map_text_is_legible_on_every_cell():
+    # White on yellow (the top of viridis) or black on dark blue would fail the contrast test.
+    import matplotlib
+
+    from cl_lib.plotting import text_colour
+
+    def contrast(a, b):
+        def lum(rgba):
+            lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+            return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+        hi, lo = sorted((lum(a), lum(b)), reverse=True)
+        return (hi + 0.05) / (lo + 0.05)
+
+    for name in ("viridis", "coolwarm", "magma"):
+        cmap = matplotlib.colormaps[name]
+        for k in range(101):
+            cell = cmap(k / 100)
+            colour = matplotlib.colors.to_rgba(text_colour(cell))
+            assert contrast(cell, colour) >= 4.5, (name, k)  # WCAG AA for normal text
+    assert text_colour(matplotlib.colormaps["viridis"](1.0)) == "black"  # yellow
+    assert text_colour(matplotlib.colormaps["viridis"](0.0)) == "white"  # dark purple
