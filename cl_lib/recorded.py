@@ -7,7 +7,7 @@ such a number through :meth:`Recorded.near`, with a tolerance stated in the same
 * it checks the value against the value recorded when the book's outputs were made
   (``notebooks/recorded/CHAPTER.json``, written by ``scripts/execute_notebooks.sh``) and raises
   :class:`RecordedValueError` when the two differ by more than the tolerance;
-* it returns the number formatted behind :data:`APPROX` (``≈``). The notebook tests' sanitizer
+* it returns the number formatted behind ``APPROX`` (``≈``). The notebook tests' sanitizer
   (``notebooks/sanitize.cfg``) replaces ``≈<number>``, so strict nbval compares the rest of the
   output exactly, while the check in the cell still fails the test when a number moves too far.
 

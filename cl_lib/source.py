@@ -1,6 +1,6 @@
 """Where the course comes from: the repository address and the ``CL_BOOK_SOURCE`` override.
 
-:data:`REPOSITORY_URL` is the one place the address lives in the library; ``_config.yml``, the
+``REPOSITORY_URL`` is the one place the address lives in the library; ``_config.yml``, the
 README and the notebooks' first cell carry copies, and ``tests/test_notebook_meta.py`` checks
 that they agree. A notebook opened outside a checkout (Colab) installs ``cl_lib`` and fetches
 stored results from there; ``CL_BOOK_SOURCE`` points both at something else:
