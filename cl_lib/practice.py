@@ -46,39 +46,64 @@ def _check_views(z: Tensor, min_views: int) -> Tensor:
 
 @dataclass(frozen=True)
 class EstimatorError:
-    """Error of the ``k``-view estimate of ``<z_i, m_i>`` against the all-view reference."""
+    """Error of the ``k``-view estimate of ``<z_i, m_i>`` against a many-view reference."""
 
     k: int
     mean_error: float  # signed: close to 0 for an unbiased estimator
     rms_error: float  # falls like 1 / sqrt(k)
     num_estimates: int
+    # standard error of mean_error over instances (NaN with reference="shared", where
+    # mean_error is 0 by construction)
+    standard_error: float = float("nan")
 
 
-def attraction_estimates(z: Tensor, ks: Sequence[int]) -> list[EstimatorError]:
+def attraction_estimates(
+    z: Tensor, ks: Sequence[int], reference: str = "shared"
+) -> list[EstimatorError]:
     """Two-view estimator of the attraction ``<z_i, m_i>`` with ``k`` extra views.
 
-    View 0 is the anchor of every instance. The reference surrogate is the mean of views
-    ``1..K-1``; each estimate averages ``<z_i, z'>`` over a disjoint group of ``k`` of those
-    views, so all ``(K - 1) // k`` groups of every instance contribute. ``k = 1`` is what a
-    two-view batch uses.
+    View 0 is the anchor of every instance; each estimate averages ``<z_i, z'>`` over a
+    disjoint group of ``k`` other views. ``k = 1`` is what a two-view batch uses.
+
+    ``reference="shared"``: the reference surrogate is the mean of views ``1..K-1`` and the
+    groups partition those same views, so ``mean_error`` is 0 by algebra for any encoder
+    (it is no test of bias); ``Var(estimate - reference) = s^2 (1/k - 1/(K-1))``.
+
+    ``reference="independent"``: the views ``1..K-1`` are split in two halves; the estimates
+    use the first half and the reference is the mean of the second, so ``mean_error`` is a
+    genuine test of bias, with ``standard_error`` over instances, and
+    ``Var(estimate - reference) = s^2 (1/k + 1/R)`` with ``R`` reference views.
     """
+    if reference not in ("shared", "independent"):
+        raise ValueError(f"reference must be 'shared' or 'independent', got {reference!r}")
     zn = _check_views(z, 3)
-    others = zn[1:]
-    scores = torch.einsum("nd,knd->kn", zn[0], others)  # <z_i, z_i^(v)> for every other view
-    reference = scores.mean(dim=0)  # = <z_i, mean of the other views>, by linearity
+    scores = torch.einsum("nd,knd->kn", zn[0], zn[1:])  # <z_i, z_i^(v)> for every other view
+    if reference == "shared":
+        pool, ref_scores = scores, scores
+    else:
+        half = scores.shape[0] // 2
+        pool, ref_scores = scores[:half], scores[half:]
+    ref = ref_scores.mean(dim=0)  # = <z_i, mean of the reference views>, by linearity
     out = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < others.shape[0]:
-            raise ValueError(f"ks must hold ints in [1, {others.shape[0] - 1}], got {k!r}")
-        groups = others.shape[0] // k
-        estimates = scores[: groups * k].reshape(groups, k, -1).mean(dim=1)  # (groups, N)
-        err = estimates - reference
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < max(pool.shape[0], 2):
+            raise ValueError(f"ks must hold ints in [1, {pool.shape[0] - 1}], got {k!r}")
+        groups = pool.shape[0] // k
+        estimates = pool[: groups * k].reshape(groups, k, -1).mean(dim=1)  # (groups, N)
+        err = estimates - ref
+        per_instance = err.mean(dim=0)
+        se = (
+            float(per_instance.std() / math.sqrt(per_instance.numel()))
+            if reference == "independent"
+            else float("nan")
+        )
         out.append(
             EstimatorError(
                 k=k,
                 mean_error=float(err.mean()),
                 rms_error=float(err.pow(2).mean().sqrt()),
                 num_estimates=int(err.numel()),
+                standard_error=se,
             )
         )
     return out

@@ -34,6 +34,27 @@ def test_attraction_estimator_is_unbiased_with_shrinking_error() -> None:
     assert [e.rms_error for e in errors] == sorted((e.rms_error for e in errors), reverse=True)
 
 
+def test_independent_reference_makes_the_mean_error_a_test_of_bias() -> None:
+    z = _views(33, 400, 16, noise=0.3)  # 16 estimate views and 16 reference views
+    errors = P.attraction_estimates(z, [1, 2, 4, 8], reference="independent")
+    s2 = None
+    for e in errors:
+        # unbiased: the mean error is within a few standard errors of 0, and not 0 by algebra
+        assert 0 < e.standard_error and abs(e.mean_error) < 4 * e.standard_error
+        assert abs(e.mean_error) > 1e-12 and e.num_estimates == (16 // e.k) * 400
+        # Var(group mean - independent reference mean) = s^2 (1/k + 1/16)
+        s2 = s2 or e.rms_error**2 / (1 / e.k + 1 / 16)
+        assert e.rms_error**2 == pytest.approx(s2 * (1 / e.k + 1 / 16), rel=0.15)
+    # a biased estimator is caught: shift every estimate view towards the anchor
+    zn = F.normalize(z, dim=-1)
+    biased = zn.clone()
+    biased[1:17] = F.normalize(zn[1:17] + 0.1 * zn[0], dim=-1)
+    for e in P.attraction_estimates(biased, [1, 4], reference="independent"):
+        assert abs(e.mean_error) > 10 * e.standard_error
+    with pytest.raises(ValueError, match="reference"):
+        P.attraction_estimates(z, [1], reference="other")
+
+
 def test_identical_views_give_exact_estimates_and_no_jensen_gap() -> None:
     z = _views(1, 30, 8, noise=0.0).expand(5, 30, 8)
     assert all(e.rms_error < 1e-12 for e in P.attraction_estimates(z, [1, 2]))
