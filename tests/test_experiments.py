@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -571,3 +572,50 @@ def test_every_shapes_grid_runs_the_recipe_with_enough_seeds(tmp_path):
                 assert c.data.size == 4000 and 4000 // 128 * 22 == 682
     for name in ("aug_strength", "debiased_positives", "balance_grid", "long_tailed"):
         assert len(ex.EXPERIMENTS[name].seeds) >= 5
+
+
+OLD_GRID = Path(__file__).parent / "fixtures" / "old_grid"
+
+
+def old_grid_experiment() -> ex.Experiment:
+    """The grid of tests/fixtures/make_old_grid.py (written by the runner before issue 15)."""
+    return ex.Experiment(
+        name="old_grid",
+        description="issue 15 fixture",
+        cells=(
+            {"loss.name": "balanced", "loss.lam": 1.0},
+            {"loss.name": "balanced", "loss.lam": 2.0},
+        ),
+        quick_overrides=(
+            *TINY,
+            "model.head_hidden=8",
+            "model.head_out=4",
+            "checkpoint_every=1",
+        ),
+        seeds=(0,),
+    )
+
+
+def test_results_file_of_the_old_runner_resumes(tmp_path, monkeypatch):
+    """Issue 15: a grid interrupted before train and experiments became packages resumes: the
+    recorded run is skipped (same config and hash), the unfinished one runs in its old folder."""
+    shutil.copytree(OLD_GRID, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)  # the stored configs name their folders relative to it
+    stored = ex.load_results("results/old_grid.json")
+    plan = ex._plan(old_grid_experiment(), False, (0,), (), Path("runs"))
+    assert stored["runs"][0]["config"] == plan[0]["config_dict"]
+    assert stored["runs"][0]["config_hash"] == plan[0]["config_hash"]
+    assert (Path(plan[1]["config"].out_dir) / "metrics.json").is_file()  # same folder hash
+    calls: list[str] = []
+    real = train_mod.pretrain
+    monkeypatch.setattr(
+        train_mod, "pretrain", lambda c, **kw: calls.append(c.out_dir) or real(c, **kw)
+    )
+    results = ex.run_experiment(
+        old_grid_experiment(), out="results", runs_dir="runs", progress=False
+    )
+    assert calls == [plan[1]["config"].out_dir]
+    assert [r["cell"] for r in results["runs"]] == ["lam=1.0", "lam=2.0"]
+    assert results["runs"][0] == stored["runs"][0]  # kept as it was
+    assert len(results["sessions"]) == 2
+    assert all(r["config_hash"] == ex.config_hash(r["config"]) for r in results["runs"])

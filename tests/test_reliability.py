@@ -304,7 +304,7 @@ def test_non_finite_loss_is_one_line_and_its_advice_works(
     argv = ["train", "--config", str(config), "optim.epochs=2", "--no-progress"]
     real = T._build_loss
     with monkeypatch.context() as patch:  # 2 steps per epoch: NaN in epoch 2
-        patch.setattr(T, "_build_loss", lambda *a, **k: _NaNAfter(real(*a, **k), n=2))
+        patch.setattr(T.trainer, "_build_loss", lambda *a, **k: _NaNAfter(real(*a, **k), n=2))
         status, err = run_cli(argv, capsys)
     assert status == 1
     assert_one_error_line(err, "non-finite loss", str(ckpt), "optim.lr", "--no-resume")

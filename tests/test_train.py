@@ -382,7 +382,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = T._build_loss
-    monkeypatch.setattr(T, "_build_loss", lambda *a, **k: _NaNAfter(real(*a, **k), n=5))
+    monkeypatch.setattr(T.trainer, "_build_loss", lambda *a, **k: _NaNAfter(real(*a, **k), n=5))
     saved: list[str] = []
     real_save = T._Trainer.save
 
@@ -412,7 +412,7 @@ def test_non_finite_update_at_the_last_step_never_reaches_a_checkpoint(
 ) -> None:
     real = T._build_loss
     nan_grad = partial(_NaNAfter, n=7, grad_only=True)  # finite loss, NaN update at step 7
-    monkeypatch.setattr(T, "_build_loss", lambda *a, **k: nan_grad(real(*a, **k)))
+    monkeypatch.setattr(T.trainer, "_build_loss", lambda *a, **k: nan_grad(real(*a, **k)))
     cfg = tiny_config(tmp_path, check_every=100)  # step 7 is the last step of epoch 2
     with pytest.raises(RuntimeError, match="epoch 2, step 7"):
         T.pretrain(cfg, progress=False)

@@ -1,0 +1,370 @@
+"""Reading results back: summaries, paired differences and intervals, printed tables.
+
+Here: :func:`summarise` (per cell, flagged runs left out by default), :func:`flagged_runs`,
+:func:`run_metric`, :func:`paired_differences` and :func:`paired_stats` (95% t intervals across
+seeds), :func:`print_table`, :func:`print_paired`, :func:`print_provenance`, and
+:func:`load_stored` (a stored results file from the checkout or the course's source). Not here:
+writing results (:mod:`cl_lib.experiments.runner`), the statistics (:mod:`cl_lib.stats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_lib.experiments.runner import SMOKE_WARNING, cell_hash, load_results
+
+
+def _new_style(results: Mapping[str, Any]) -> bool:
+    """Files of schema 2 and later are read with flags and intervals by default."""
+    return int(results.get("schema_version", 1)) >= 2
+
+
+def _exclude(results: Mapping[str, Any], exclude_flagged: bool | None) -> bool:
+    return _new_style(results) if exclude_flagged is None else bool(exclude_flagged)
+
+
+def _cell_runs(results: Mapping[str, Any], cell: str) -> list[Mapping[str, Any]]:
+    """The runs of ``cell``; ValueError when it mixes configurations or repeats a seed."""
+    runs = [r for r in results["runs"] if r["cell"] == cell]
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(
+            f"results hold cell {cell!r} more than once for a seed (seeds {sorted(seeds)}): a "
+            f"results file must hold one configuration per cell"
+        )
+    hashes = {cell_hash(r["config"]) for r in runs if "config" in r}
+    if len(hashes) > 1:
+        raise ValueError(
+            f"results mix {len(hashes)} configurations in cell {cell!r}: a results file must "
+            f"hold one configuration per cell"
+        )
+    return runs
+
+
+def _flags(run: Mapping[str, Any]) -> dict[str, Any]:
+    from cl_lib.collapse import run_flags
+
+    return run_flags(run)
+
+
+def flagged_runs(results: Mapping[str, Any], **thresholds: float) -> list[dict[str, Any]]:
+    """Per run (grid order): cell, seed and :func:`cl_lib.collapse.run_flags` (``thresholds``:
+    its keyword arguments ``plateau_margin``, ``plateau_share``, ``knn_margin``)."""
+    from cl_lib.collapse import run_flags
+
+    out = []
+    for cell in results["grid"]["cells"]:
+        for r in sorted(_cell_runs(results, cell["cell"]), key=lambda r: r["seed"]):
+            out.append({"cell": r["cell"], "seed": r["seed"], **run_flags(r, **thresholds)})
+    return out
+
+
+def summarise(
+    results: Mapping[str, Any], metric: str, *, exclude_flagged: bool | None = None
+) -> list[dict[str, Any]]:
+    """Per cell: n, mean, std (ddof 1), median, min, max of ``metric`` and the flag counts.
+
+    ``metric`` is a key of a run's ``metrics`` or a dotted path into it (``bias.h.bias``).
+    Cells keep the order of the grid. Flags (:func:`cl_lib.collapse.run_flags`): ``flagged``
+    runs, of which ``flagged_plateau`` and ``flagged_knn``, ``flagged_seeds``; with
+    ``exclude_flagged`` the statistics use the unflagged runs only (``n``; ``runs``: all) and
+    ``excluded`` counts the others. Default: exclude on files of schema 2, keep every run of
+    the old files (schema 1; the flags are still counted where the runs hold their config and
+    history). ``collapsed``: the training loop's spread flag.
+    """
+    exclude = _exclude(results, exclude_flagged)
+    out = []
+    for cell in results["grid"]["cells"]:
+        runs = _cell_runs(results, cell["cell"])
+        flags_known = exclude or all("config" in r and "history" in r for r in runs)
+        flags = [_flags(r) if flags_known else None for r in runs]
+        kept = [r for r, f in zip(runs, flags, strict=True) if not (exclude and f["flagged"])]
+        values = [_lookup(r["metrics"], metric) for r in kept]
+        t = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+        n = int(t.numel())
+        row = {
+            "cell": cell["cell"],
+            "params": cell["params"],
+            "n": n,
+            "mean": float(t.mean()) if n else math.nan,
+            "std": float(t.std()) if n > 1 else math.nan,
+            "median": float(t.median()) if n else math.nan,
+            "min": float(t.min()) if n else math.nan,
+            "max": float(t.max()) if n else math.nan,
+            "collapsed": sum(bool(r["metrics"].get("collapsed")) for r in runs),
+            "seeds": [r["seed"] for r in kept],
+            "runs": len(runs),
+            "excluded": len(runs) - len(kept),
+        }
+        if flags_known:
+            row["flagged"] = sum(f["flagged"] for f in flags)
+            row["flagged_plateau"] = sum(f["plateau"] for f in flags)
+            row["flagged_knn"] = sum(f["knn"] for f in flags)
+            row["flagged_seeds"] = [
+                r["seed"] for r, f in zip(runs, flags, strict=True) if f["flagged"]
+            ]
+        out.append(row)
+    return out
+
+
+def run_metric(run: Mapping[str, Any], metric: str) -> Any:
+    """The value of ``metric`` (a key or dotted path such as ``bias.h.bias``) of one stored run."""
+    return _lookup(run["metrics"], metric)
+
+
+# =========================================================================== reading results
+
+
+def load_stored(name: str) -> dict[str, Any]:
+    """Stored ``results/NAME.json``: from the checkout when there is one, else from the source.
+
+    Outside a checkout (Colab) the file comes from the repository the notebook installed
+    ``cl_lib`` from (:func:`cl_lib.source.results_location`, which ``CL_BOOK_SOURCE``
+    overrides); a failure raises :class:`cl_lib.source.SourceError` saying what to do.
+    """
+    from cl_lib import experiments  # the package: a REPO_ROOT patched there is used
+    from cl_lib.source import SOURCE_ENV, SourceError, results_location
+
+    for folder in (experiments.REPO_ROOT / "results", Path("results"), Path("../results")):
+        if (folder / f"{name}.json").exists():
+            return load_results(folder / f"{name}.json")
+    location = results_location()
+    advice = (
+        "Run the chapter inside a clone of the course repository, or set "
+        f"{SOURCE_ENV} to a local clone or to the fork or branch that holds results/{name}.json."
+    )
+    if isinstance(location, Path):
+        if not (location / f"{name}.json").is_file():
+            raise SourceError(f"{location / f'{name}.json'} does not exist. {advice}")
+        return load_results(location / f"{name}.json")
+    url = f"{location}/{name}.json"
+    target = Path(tempfile.gettempdir()) / f"{name}.json"
+    try:
+        urllib.request.urlretrieve(url, target)
+    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+        raise SourceError(
+            f"Could not fetch the stored results from {url} ({err}). {advice}"
+        ) from None
+    print(f"stored results {name}.json fetched from {url}")
+    return load_results(target)
+
+
+def print_provenance(results: Mapping[str, Any]) -> None:
+    """Print where and how the stored runs of an experiment were made."""
+    prov, runs = results["provenance"], results["runs"]
+    commit = (prov["git_commit"] or "unknown")[:10] + (
+        " (uncommitted changes)" if prov["git_dirty"] else ""
+    )
+    print(f"experiment {results['experiment']!r}, profile {results['profile']}: {len(runs)} runs")
+    if results["profile"] == "smoke":
+        print(f"  WARNING: {results.get('warning', SMOKE_WARNING)}")
+    overrides = {}
+    for item in results["grid"]["profile_overrides"]:  # later entries win, as in the runner
+        key, value = item.split("=", 1)
+        overrides.pop(key, None)
+        overrides[key] = value
+    settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    print(f"  base config {results['grid']['base_config']} with {settings}")
+    machine = f"{prov['device']} ({prov['cpu']}), {prov['threads']} thread(s)"
+    print(f"  code {commit}; torch {prov['torch']} on {machine}")
+    total = sum(r["wall_time_s"] for r in runs)
+    per_run = total / max(len(runs), 1)
+    print(f"  {total / 60:.0f} min of run time in all, {per_run:.0f} s per run on average")
+
+
+def print_table(
+    results: Mapping[str, Any],
+    metrics: Mapping[str, str],
+    scale: Mapping[str, float] | None = None,
+    *,
+    exclude_flagged: bool | None = None,
+) -> None:
+    """Print per cell: mean +- std over seeds, median, runs and flagged runs of each metric.
+
+    Files of schema 2 (and ``exclude_flagged=True``) show the flagged runs (``p``: plateau,
+    ``k``: kNN not above random initialisation) and leave them out of the statistics; old
+    files print as they always did (``collapsed``: the training loop's spread flag).
+    """
+    scale = scale or {}
+    new = _new_style(results) or bool(exclude_flagged)
+    width = max(len(c["cell"]) for c in results["grid"]["cells"]) + 2
+    kw = {"exclude_flagged": exclude_flagged}
+    rows = {label: summarise(results, key, **kw) for label, key in metrics.items()}
+    first = next(iter(rows.values()))
+    if new:
+        header = f"{'cell':<{width}}{'runs':>5}{'flagged (p, k)':>16}{'n':>3}"
+    else:
+        header = f"{'cell':<{width}}{'n':>3}{'collapsed':>10}"
+    for label in metrics:
+        header += f"  {label + ' mean+-std (median)':>34}"
+    print(header)
+    for i, row in enumerate(first):
+        if new:
+            flags = f"{row['flagged']} ({row['flagged_plateau']}, {row['flagged_knn']})"
+            line = f"{row['cell']:<{width}}{row['runs']:>5}{flags:>16}{row['n']:>3}"
+        else:
+            line = f"{row['cell']:<{width}}{row['n']:>3}{row['collapsed']:>10}"
+        for label, cells in rows.items():
+            c, f = cells[i], scale.get(label, 1.0)
+            std = "  n/a" if c["n"] < 2 else f"{f * c['std']:5.3g}"
+            line += f"  {f * c['mean']:>14.3g} +- {std:>6} ({f * c['median']:.3g})"
+        print(line)
+
+
+def _pairs(
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str,
+    cells: Sequence[str] | None,
+    exclude: bool,
+) -> dict[str, tuple[list[float], list[int], list[int]]]:
+    """Per cell: differences to ``reference`` on common seeds, their seeds, excluded seeds."""
+    ref_runs = _cell_runs(results, reference)
+    if not ref_runs:
+        raise ValueError(f"reference must be a cell with runs, got {reference!r}")
+    ref = {r["seed"]: r for r in ref_runs}
+    out: dict[str, tuple[list[float], list[int], list[int]]] = {}
+    for cell in results["grid"]["cells"]:
+        if cell["cell"] == reference or (cells is not None and cell["cell"] not in cells):
+            continue
+        runs = sorted(
+            (r for r in _cell_runs(results, cell["cell"]) if r["seed"] in ref),
+            key=lambda r: r["seed"],
+        )
+        if not runs:
+            continue
+        diffs, seeds, excluded = [], [], []
+        for r in runs:
+            base = ref[r["seed"]]
+            if exclude and (_flags(r)["flagged"] or _flags(base)["flagged"]):
+                excluded.append(r["seed"])
+                continue
+            diffs.append(_lookup(r["metrics"], metric) - _lookup(base["metrics"], metric))
+            seeds.append(r["seed"])
+        out[cell["cell"]] = (diffs, seeds, excluded)
+    return out
+
+
+def paired_differences(
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str = "knn_acc",
+    cells: Sequence[str] | None = None,
+    *,
+    exclude_flagged: bool | None = None,
+) -> dict[str, list[float]]:
+    """Per cell: ``metric`` minus the ``reference`` cell's on the same seed (seed order).
+
+    The same seed means the same data, initialisation and augmentation draws, so paired
+    differences remove most of the seed-to-seed spread. ``cells`` limits the comparison to these
+    cells (default: all); cells without a common seed are left out. ``exclude_flagged`` drops a
+    seed when either run of the pair is flagged (default: on files of schema 2); see
+    :func:`paired_stats` for the counts and intervals.
+    """
+    pairs = _pairs(results, reference, metric, cells, _exclude(results, exclude_flagged))
+    return {cell: diffs for cell, (diffs, _, _) in pairs.items()}
+
+
+def paired_stats(
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str = "knn_acc",
+    cells: Sequence[str] | None = None,
+    *,
+    exclude_flagged: bool | None = None,
+    level: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Per cell: the paired differences to ``reference`` with their Student-t interval.
+
+    Keys: ``n`` (pairs used), ``mean``, ``std``, ``low``, ``high`` (the ``level`` interval,
+    :func:`cl_lib.stats.paired_interval`), ``sign_holds`` (seeds whose difference has the sign
+    of the mean), ``distinguishable`` (the interval excludes 0), ``verdict`` (``higher``,
+    ``lower`` or ``not distinguishable at n seeds``), ``seeds``, ``differences``, and
+    ``excluded`` / ``excluded_seeds``: pairs left out because a run was flagged.
+    """
+    from cl_lib.stats import paired_interval
+
+    pairs = _pairs(results, reference, metric, cells, _exclude(results, exclude_flagged))
+    out = {}
+    for cell, (diffs, seeds, excluded) in pairs.items():
+        iv = paired_interval(diffs, level)
+        out[cell] = {
+            **dataclasses.asdict(iv),
+            "distinguishable": iv.distinguishable,
+            "verdict": iv.verdict(),
+            "seeds": seeds,
+            "differences": diffs,
+            "excluded": len(excluded),
+            "excluded_seeds": excluded,
+        }
+    return out
+
+
+def print_paired(
+    results: Mapping[str, Any],
+    reference: str,
+    metric: str = "knn_acc",
+    scale: float = 100.0,
+    cells: Sequence[str] | None = None,
+    *,
+    exclude_flagged: bool | None = None,
+    intervals: bool | None = None,
+) -> None:
+    """Print the paired differences to ``reference`` (times ``scale``), one line per cell.
+
+    With ``intervals`` (default: on files of schema 2): :func:`paired_stats`, i.e. the mean,
+    its 95% t interval, n, the seeds where the sign holds, the verdict and the pairs excluded
+    for flags. Without (old files): mean, std and how many seeds gained.
+    """
+    if intervals is None:
+        intervals = _new_style(results)
+    if not intervals:
+        print(
+            f"paired differences to {reference} ({metric} x {scale:g}), seeds present in both "
+            f"cells:"
+        )
+        for cell, diffs in paired_differences(
+            results, reference, metric, cells, exclude_flagged=exclude_flagged
+        ).items():
+            t = scale * torch.tensor(diffs, dtype=torch.float64)
+            sd = f"{float(t.std()):.3g}" if t.numel() > 1 else "n/a"
+            better = int((t > 0).sum())
+            print(
+                f"  {cell:<44} mean {float(t.mean()):+.3g} (std {sd}), "
+                f"better on {better} of {t.numel()} seeds"
+            )
+        return
+    stats = paired_stats(results, reference, metric, cells, exclude_flagged=exclude_flagged)
+    print(
+        f"paired differences to {reference} ({metric} x {scale:g}), mean [95% t interval] "
+        f"over seeds present in both cells, flagged pairs left out:"
+    )
+    for cell, st in stats.items():
+        f = scale
+        ci = "n/a" if st["n"] < 2 else f"[{f * st['low']:+.3g}, {f * st['high']:+.3g}]"
+        sign = "higher" if st["mean"] > 0 else "lower"
+        excluded = f"; {st['excluded']} flagged pair(s) left out" if st["excluded"] else ""
+        if st["n"] == 0:
+            print(f"  {cell:<44} no unflagged pair{excluded}")
+            continue
+        print(
+            f"  {cell:<44} mean {f * st['mean']:+.3g} {ci}, n {st['n']}, {sign} on "
+            f"{st['sign_holds']} of {st['n']} seeds: {st['verdict']}{excluded}"
+        )
+
+
+def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
+    node: Any = metrics
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"metric {key!r} not found (missing {part!r})")
+        node = node[part]
+    return node
