@@ -30,7 +30,7 @@ Command line::
     python -m cl_lib experiment aug_strength ...   (the same, through the main CLI)
 
 Modules, one concern each (this package re-exports their public names):
-``grids`` (:class:`Experiment`, :data:`EXPERIMENTS`, sizings: add a grid there), ``measures``
+``grids`` (:class:`Experiment`, ``EXPERIMENTS``, sizings: add a grid there), ``measures``
 (:func:`evaluate_run` and the measurements of a run), ``runner`` (:func:`run_experiment`, the
 results file), ``reporting`` (summaries, paired statistics, printing, :func:`load_stored`),
 ``cli`` (the command line).
@@ -38,18 +38,15 @@ results file), ``reporting`` (summaries, paired statistics, printing, :func:`loa
 
 from __future__ import annotations
 
+from cl_lib.experiments import grids, measures, runner
 from cl_lib.experiments.cli import configure_parser, main, run_experiment_cli
 from cl_lib.experiments.grids import (
     EXPERIMENTS,
-    PROFILES,
-    REFERENCE_STRENGTH,
     Experiment,
     cell_id,
     config_hash,
 )
 from cl_lib.experiments.measures import (
-    RHO_IMAGES,
-    VIEW_TEMPERATURES,
     _bias_with_controls,
     evaluate_run,
     initial_model,
@@ -70,8 +67,6 @@ from cl_lib.experiments.reporting import (
     summarise,
 )
 from cl_lib.experiments.runner import (
-    READABLE_SCHEMAS,
-    SCHEMA_VERSION,
     SMOKE_WARNING,
     _merged_cells,
     _plan,
@@ -117,6 +112,20 @@ __all__ = [
     "run_metric",
     "summarise",
 ]
+# The documented constants (autodoc reads attribute docstrings from this file only).
+SCHEMA_VERSION = runner.SCHEMA_VERSION
+"""Version of the results files written now (2 added the shapes recipe as default sizing, rho,
+bias controls and one configuration per cell)."""
+READABLE_SCHEMAS = runner.READABLE_SCHEMAS
+"""Versions :func:`load_results` reads (1: the stored results of the old quick sizing)."""
+PROFILES = grids.PROFILES
+"""Sizings of a grid, ``quick`` (the default, CPU), ``full`` (GPU) or ``smoke`` (pipeline check)."""
+REFERENCE_STRENGTH = grids.REFERENCE_STRENGTH
+"""Augmentation strength of the fixed reference under which every model's bias is also measured."""
+VIEW_TEMPERATURES = measures.VIEW_TEMPERATURES
+"""Temperatures at which :func:`measure_views` evaluates the Jensen gap and effective negatives."""
+RHO_IMAGES = measures.RHO_IMAGES
+"""Test images whose two views measure rho (:func:`measure_rho`) at initialisation and the end."""
 # Not in __all__ but kept here: REPO_ROOT (the runner and load_stored read it from this package
 # at call time, so that it can be pointed elsewhere), and private helpers the tests use.
 _REEXPORTED = (REPO_ROOT, _bias_with_controls, _merged_cells, _plan)

@@ -108,7 +108,7 @@ _SMOKE = (
 _FULL_SHAPES = ("data.size=4000", "data.test_size=2000", "optim.epochs=22", "eval_every=11")
 _FULL_CIFAR = ("optim.epochs=100",)  # 100 of the config's 200 epochs: 18-run grids
 PROFILES = ("quick", "full", "smoke")
-"""Sizings of a grid: ``quick`` (the default, CPU), ``full`` (GPU), ``smoke`` (pipeline check)."""
+"""Sizings of a grid, ``quick`` (the default, CPU), ``full`` (GPU) or ``smoke`` (pipeline check)."""
 REFERENCE_STRENGTH = 1.0
 """Augmentation strength of the fixed reference under which every model's bias is also measured."""
 

@@ -34,7 +34,8 @@ from cl_lib.files import write_json
 from cl_lib.provenance import git_state, machine
 
 SCHEMA_VERSION = 2
-"""Version 2: default sizing = the shapes recipe, rho, bias controls, one configuration per cell."""
+"""Version of the results files written now (2 added the shapes recipe as default sizing, rho,
+bias controls and one configuration per cell)."""
 READABLE_SCHEMAS = (1, 2)
 """Versions :func:`load_results` reads (1: the stored results of the old quick sizing)."""
 
