@@ -384,7 +384,7 @@ def ch4_ex1(collapsed_loss: object) -> None:
 
 
 def ch4_ex2(sgd_ratio: object) -> None:
-    """Exercise 4.2: |w(scale 4) - w(scale 1)| / |update at scale 1| for plain SGD."""
+    """Exercise 4.2: ``|w(scale 4) - w(scale 1)| / |update at scale 1|`` for plain SGD."""
     if sgd_ratio is None:
         return _not_answered()
     value = _number(sgd_ratio)

@@ -4,7 +4,8 @@ The site is built once per session with warnings as errors (``-W -n --keep-going
 into a temporary directory, served over HTTP on 127.0.0.1, and every page is opened
 with Playwright. The checks: the build emits no warning; MathJax (served from
 ``_static``) typesets every formula; every image loads; no cell output shows an error;
-every internal link and anchor resolves; no request leaves the local server; notebook
+every internal link and anchor resolves; no request leaves the local server; no
+exercise solution (input or output) shows before the reader opens it; notebook
 pages offer the ``.ipynb`` download and a Colab launch button that opens the page's own
 notebook in the repository of ``_config.yml``; search finds a word.
 
@@ -71,6 +72,8 @@ async () => {
     mjxContainers: out('mjx-container').length,
     mathErrors: out('mjx-merror').map((el) => el.textContent.slice(0, 80)),
     visibleText: clone.textContent,
+    // innerText leaves out what is not rendered, e.g. the body of a closed <details>.
+    renderedText: document.querySelector('main, article, body').innerText,
     brokenImages: imgs.filter((img) => !(img.complete && img.naturalWidth > 0))
                       .map((img) => img.getAttribute('src')),
     errorOutputs: out('.cell_output .traceback, .cell_output .error, .output.traceback, '
@@ -401,3 +404,41 @@ def test_colab_button_opens_the_page_notebook(site: Site) -> None:
 
 def test_search_finds_pages(site: Site) -> None:
     assert site.search_hits > 0, "searching for 'prototype' found nothing"
+
+
+def _hidden_outputs(notebook: Path) -> list[str]:
+    """Output lines of the notebook's cells tagged ``hide-cell`` (the exercise solutions)."""
+    import json
+
+    lines = []
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        if "hide-cell" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", "")) + "".join(
+                output.get("data", {}).get("text/plain", "")
+            )
+            lines += [line.strip() for line in text.splitlines() if len(line.strip()) >= 8]
+    return lines
+
+
+def test_exercise_solutions_are_hidden_until_opened(site: Site) -> None:
+    """No answer shows on a chapter page before the reader opens the solution: the solution
+    cells are tagged hide-cell (input and output behind one toggle), while the reader's own
+    answer cell and its self-check ("not answered yet") stay visible."""
+    problems = []
+    pages = _notebook_pages(site.html)
+    for path in pages:
+        shown = site.pages[path].probe["renderedText"]
+        hidden = _hidden_outputs(ROOT / path.replace(".html", ".ipynb"))
+        if not hidden:
+            problems.append(f"{path}: no hidden solution outputs found")
+        leaks = [line for line in hidden if line in shown]
+        if leaks:
+            problems.append(f"{path}: solution output visible: {leaks[:3]}")
+        if "right:" in shown or "not answered yet" not in shown:
+            problems.append(f"{path}: self-check verdicts visible, or the reader's cell missing")
+    for answer in ("smallest N: 369", "tau_plus = 0.40", "N = 2718"):
+        if any(answer in site.pages[p].probe["renderedText"] for p in pages):
+            problems.append(f"answer {answer!r} is visible")
+    assert len(pages) >= 6 and not problems, "\n".join(problems)
