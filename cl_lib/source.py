@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+import urllib.request
 from pathlib import Path
 
 __all__ = [
     "REPOSITORY_URL",
     "SOURCE_ENV",
     "SourceError",
+    "fetch_result",
     "install_source",
     "results_location",
 ]
@@ -60,3 +63,36 @@ def results_location(source: str | None = None) -> str | Path:
         f"{SOURCE_ENV}={source!r} is neither a GitHub repository "
         "(git+https://github.com/OWNER/REPO.git[@BRANCH]) nor a local folder"
     )
+
+
+def fetch_result(relative: str, checkout: Path) -> Path:
+    """A local path to ``results/RELATIVE``: from the checkout when there is one, else fetched.
+
+    ``checkout`` is the repository root the library sits in; ``results`` and ``../results`` of
+    the working folder are tried next (a notebook run from ``notebooks/``). Outside a checkout
+    the file comes from :func:`results_location` (``CL_BOOK_SOURCE``); a failure raises
+    :class:`SourceError` saying what failed and what to do.
+    """
+    for folder in (checkout / "results", Path("results"), Path("../results")):
+        if (folder / relative).is_file():
+            return folder / relative
+    location = results_location()
+    advice = (
+        "Run the chapter inside a clone of the course repository, or set "
+        f"{SOURCE_ENV} to a local clone or to the fork or branch that holds results/{relative}."
+    )
+    if isinstance(location, Path):
+        if not (location / relative).is_file():
+            raise SourceError(f"{location / relative} does not exist. {advice}")
+        return location / relative
+    url = f"{location}/{relative}"
+    target = Path(tempfile.gettempdir()) / "cl_book_results" / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        urllib.request.urlretrieve(url, target)
+    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+        raise SourceError(
+            f"Could not fetch the stored results from {url} ({err}). {advice}"
+        ) from None
+    print(f"results/{relative} fetched from {url}")
+    return target

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
-import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,30 +128,9 @@ def load_stored(name: str) -> dict[str, Any]:
     overrides); a failure raises :class:`cl_lib.source.SourceError` saying what to do.
     """
     from cl_lib import experiments  # the package: a REPO_ROOT patched there is used
-    from cl_lib.source import SOURCE_ENV, SourceError, results_location
+    from cl_lib.source import fetch_result
 
-    for folder in (experiments.REPO_ROOT / "results", Path("results"), Path("../results")):
-        if (folder / f"{name}.json").exists():
-            return load_results(folder / f"{name}.json")
-    location = results_location()
-    advice = (
-        "Run the chapter inside a clone of the course repository, or set "
-        f"{SOURCE_ENV} to a local clone or to the fork or branch that holds results/{name}.json."
-    )
-    if isinstance(location, Path):
-        if not (location / f"{name}.json").is_file():
-            raise SourceError(f"{location / f'{name}.json'} does not exist. {advice}")
-        return load_results(location / f"{name}.json")
-    url = f"{location}/{name}.json"
-    target = Path(tempfile.gettempdir()) / f"{name}.json"
-    try:
-        urllib.request.urlretrieve(url, target)
-    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
-        raise SourceError(
-            f"Could not fetch the stored results from {url} ({err}). {advice}"
-        ) from None
-    print(f"stored results {name}.json fetched from {url}")
-    return load_results(target)
+    return load_results(fetch_result(f"{name}.json", experiments.REPO_ROOT))
 
 
 def print_provenance(results: Mapping[str, Any]) -> None:
