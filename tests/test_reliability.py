@@ -476,5 +476,7 @@ def test_a_locked_folder_stops_every_ddp_rank_without_a_hang(tmp_path: Path) -> 
         holder.wait()
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all("in use by another training run" in e for e in errors)
+    # Every rank stops (no hang: the timeout above). Each rank that gets to report prints the
+    # lock error; torchrun may stop the other rank first once one has exited, so 1 or 2 lines.
+    assert 1 <= len(errors) <= 2 and all("in use by another training run" in e for e in errors)
     assert "cl_lib/train/" not in done.stderr  # no worker traceback (torchrun prints its own)
