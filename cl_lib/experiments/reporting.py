@@ -162,37 +162,79 @@ def print_table(
     scale: Mapping[str, float] | None = None,
     *,
     exclude_flagged: bool | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> None:
-    """Print per cell: mean +- std over seeds, median, runs and flagged runs of each metric.
+    """Print per cell the runs, the flagged runs and each metric's median +- std over seeds.
 
-    Files of schema 2 (and ``exclude_flagged=True``) show the flagged runs (``p``: plateau,
-    ``k``: kNN not above random initialisation) and leave them out of the statistics; old
-    files print as they always did (``collapsed``: the training loop's spread flag).
+    Files of schema 2 (and ``exclude_flagged=True``) print one compact line per cell: runs,
+    flagged runs (``p``: plateau, ``k``: kNN not above random initialisation), the runs used,
+    and ``median +- std`` of the unflagged runs; ``labels`` renames cells (default: the cell
+    ids). Old files print as they always did (``collapsed``: the training loop's spread flag).
     """
     scale = scale or {}
-    new = _new_style(results) or bool(exclude_flagged)
-    width = max(len(c["cell"]) for c in results["grid"]["cells"]) + 2
     kw = {"exclude_flagged": exclude_flagged}
     rows = {label: summarise(results, key, **kw) for label, key in metrics.items()}
+    if _new_style(results) or bool(exclude_flagged):
+        _print_compact_table(rows, scale, labels or {})
+        return
+    width = max(len(c["cell"]) for c in results["grid"]["cells"]) + 2
     first = next(iter(rows.values()))
-    if new:
-        header = f"{'cell':<{width}}{'runs':>5}{'flagged (p, k)':>16}{'n':>3}"
-    else:
-        header = f"{'cell':<{width}}{'n':>3}{'collapsed':>10}"
+    header = f"{'cell':<{width}}{'n':>3}{'collapsed':>10}"
     for label in metrics:
         header += f"  {label + ' mean+-std (median)':>34}"
     print(header)
     for i, row in enumerate(first):
-        if new:
-            flags = f"{row['flagged']} ({row['flagged_plateau']}, {row['flagged_knn']})"
-            line = f"{row['cell']:<{width}}{row['runs']:>5}{flags:>16}{row['n']:>3}"
-        else:
-            line = f"{row['cell']:<{width}}{row['n']:>3}{row['collapsed']:>10}"
+        line = f"{row['cell']:<{width}}{row['n']:>3}{row['collapsed']:>10}"
         for label, cells in rows.items():
             c, f = cells[i], scale.get(label, 1.0)
             std = "  n/a" if c["n"] < 2 else f"{f * c['std']:5.3g}"
             line += f"  {f * c['mean']:>14.3g} +- {std:>6} ({f * c['median']:.3g})"
         print(line)
+
+
+def _flag_text(row: Mapping[str, Any]) -> str:
+    """``0``, or the flagged count with its kinds: ``3 (3p)``, ``2 (1p 1k)``."""
+    if not row["flagged"]:
+        return "0"
+    kinds = [f"{row[key]}{tag}" for key, tag in (("flagged_plateau", "p"), ("flagged_knn", "k"))]
+    return f"{row['flagged']} ({' '.join(k for k in kinds if not k.startswith('0'))})"
+
+
+def _decimals(values: Sequence[float]) -> int:
+    """Decimals that show about three significant digits of the largest finite value."""
+    finite = [abs(v) for v in values if math.isfinite(v) and v != 0.0]
+    return max(0, 2 - math.floor(math.log10(max(finite)))) if finite else 1
+
+
+def _median_std(row: Mapping[str, Any], factor: float, decimals: int) -> str:
+    if row["n"] == 0:
+        return "n/a"
+    std = f"{factor * row['std']:.{decimals}f}" if row["n"] > 1 else "n/a"
+    return f"{factor * row['median']:.{decimals}f} +- {std}"
+
+
+def _print_compact_table(
+    rows: Mapping[str, list[dict[str, Any]]],
+    scale: Mapping[str, float],
+    labels: Mapping[str, str],
+) -> None:
+    first = next(iter(rows.values()))
+    names = [labels.get(row["cell"], row["cell"]) for row in first]
+    width = max(len(n) for n in [*names, "cell"]) + 2
+    cols = {}
+    for label, cells in rows.items():
+        f = scale.get(label, 1.0)
+        digits = _decimals([f * r["median"] for r in cells])
+        cols[label] = [_median_std(r, f, digits) for r in cells]
+    widths = {
+        label: max(len(label), 13, *(len(v) for v in vals)) + 2 for label, vals in cols.items()
+    }
+    head = f"{'cell':<{width}}{'runs':>4}{'flagged':>11}{'used':>5}"
+    print(head + "".join(f"{label:>{widths[label]}}" for label in cols))
+    print(" " * len(head) + "".join(f"{'median +- std':>{w}}" for w in widths.values()))
+    for i, row in enumerate(first):
+        line = f"{names[i]:<{width}}{row['runs']:>4}{_flag_text(row):>11}{row['n']:>5}"
+        print(line + "".join(f"{vals[i]:>{widths[label]}}" for label, vals in cols.items()))
 
 
 def _pairs(
@@ -293,12 +335,13 @@ def print_paired(
     *,
     exclude_flagged: bool | None = None,
     intervals: bool | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> None:
     """Print the paired differences to ``reference`` (times ``scale``), one line per cell.
 
-    With ``intervals`` (default: on files of schema 2): :func:`paired_stats`, i.e. the mean,
-    its 95% t interval, n, the seeds where the sign holds, the verdict and the pairs excluded
-    for flags. Without (old files): mean, std and how many seeds gained.
+    With ``intervals`` (default: on files of schema 2): :func:`paired_stats`, i.e. the pairs
+    used of those present, the mean, its 95% t interval, the seeds where the sign holds and the
+    verdict; ``labels`` renames cells. Without (old files): mean, std and how many seeds gained.
     """
     if intervals is None:
         intervals = _new_style(results)
@@ -318,23 +361,27 @@ def print_paired(
                 f"better on {better} of {t.numel()} seeds"
             )
         return
+    labels = labels or {}
     stats = paired_stats(results, reference, metric, cells, exclude_flagged=exclude_flagged)
+    ref = labels.get(reference, reference)
+    print(f"{metric} x {scale:g} minus {ref} on the same seed; pairs with a flagged run left out")
+    names = {cell: labels.get(cell, cell) for cell in stats}
+    width = max(len(n) for n in [*names.values(), "cell"]) + 2
+    bounds = [scale * st[k] for st in stats.values() for k in ("mean", "low", "high")]
+    digits = _decimals(bounds)
     print(
-        f"paired differences to {reference} ({metric} x {scale:g}), mean [95% t interval] "
-        f"over seeds present in both cells, flagged pairs left out:"
+        f"{'cell':<{width}}{'pairs used':>11}{'mean':>9}{'95% t interval':>20}{'sign':>6}  verdict"
     )
     for cell, st in stats.items():
-        f = scale
-        ci = "n/a" if st["n"] < 2 else f"[{f * st['low']:+.3g}, {f * st['high']:+.3g}]"
-        sign = "higher" if st["mean"] > 0 else "lower"
-        excluded = f"; {st['excluded']} flagged pair(s) left out" if st["excluded"] else ""
+        used = f"{st['n']} of {st['n'] + st['excluded']}"
+        line = f"{names[cell]:<{width}}{used:>11}"
         if st["n"] == 0:
-            print(f"  {cell:<44} no unflagged pair{excluded}")
+            print(f"{line}{'':>35}  no unflagged pair")
             continue
-        print(
-            f"  {cell:<44} mean {f * st['mean']:+.3g} {ci}, n {st['n']}, {sign} on "
-            f"{st['sign_holds']} of {st['n']} seeds: {st['verdict']}{excluded}"
-        )
+        f, d = scale, digits
+        ci = "n/a" if st["n"] < 2 else f"[{f * st['low']:+.{d}f}, {f * st['high']:+.{d}f}]"
+        sign = f"{st['sign_holds']}/{st['n']}"
+        print(f"{line}{f * st['mean']:>+9.{d}f}{ci:>20}{sign:>6}  {st['verdict']}")
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
