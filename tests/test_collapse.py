@@ -11,7 +11,9 @@ from cl_lib import collapse as C
 from cl_lib import experiments as ex
 from cl_lib.train import _class_weights
 
-# Per-epoch training losses copied from results/debiased_positives.json (old quick sizing:
+OLD = ex.REPO_ROOT / "results" / "old"  # the grids of the old, under-trained sizing
+
+# Per-epoch training losses copied from results/old/debiased_positives.json (old quick sizing:
 # NT-Xent, batch 64, 13 epochs, seed 0): p = 1 sits at ln(127) = 4.844 from epoch 2 on,
 # p = 0 leaves it after the first epoch.
 COLLAPSED = [4.935, 4.848, 4.846, 4.847, 4.845, 4.846, 4.845, 4.844, 4.845, 4.844, 4.844, 4.845]
@@ -83,7 +85,7 @@ def test_detector_flags_the_collapsed_history_and_not_the_healthy_one():
 
 def test_detector_on_the_stored_results_known_cases():
     """The flags catch what the spread-based collapse flag missed in the stored grids."""
-    b = ex.load_stored("debiased_positives")
+    b = ex.load_results(OLD / "debiased_positives.json")
     flags = {(f["cell"], f["seed"]): f for f in ex.flagged_runs(b)}
     for r in b["runs"]:
         p = r["params"]["data.same_class_prob"]

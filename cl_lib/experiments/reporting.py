@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,7 +149,8 @@ def print_provenance(results: Mapping[str, Any]) -> None:
         overrides.pop(key, None)
         overrides[key] = value
     settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
-    print(f"  base config {results['grid']['base_config']} with {settings}")
+    base = f"base config {results['grid']['base_config']} with {settings}"
+    print(textwrap.fill(base, 88, initial_indent="  ", subsequent_indent="    "))
     machine = f"{prov['device']} ({prov['cpu']}), {prov['threads']} thread(s)"
     print(f"  code {commit}; torch {prov['torch']} on {machine}")
     total = sum(r["wall_time_s"] for r in runs)
