@@ -97,7 +97,7 @@ def test_detector_on_the_stored_results_known_cases():
             assert f["plateau"] and len(f["plateau_epochs"]) >= 7
         elif p == 0.0:
             assert not f["flagged"]
-    c = ex.load_stored("balance_grid")
+    c = ex.load_results(OLD / "balance_grid.json")
     for f in ex.flagged_runs(c):
         params = next(x["params"] for x in c["grid"]["cells"] if x["cell"] == f["cell"])
         ratio = params["loss.lam"] / params["loss.alpha"]

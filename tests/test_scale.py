@@ -74,6 +74,12 @@ def test_quick_config_is_the_shapes_recipe_shortened(tmp_path: Path) -> None:
     }
     assert _diff(cfg, reference) <= allowed
     assert cfg.data.size < reference.data.size and cfg.optim.epochs == S.QUICK_EPOCHS
+    # the live sizing, in one place: the quick config and live_overrides() agree with it
+    sized = load_config(CONFIGS / "shapes_quick.yaml", list(S.live_overrides()))
+    for key, value in S.LIVE_SIZING.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
+        assert getattr(getattr(sized, section), name) == value
 
 
 @pytest.mark.parametrize("profile", S.PROFILES)
@@ -81,8 +87,27 @@ def test_balanced_run_differs_only_in_the_loss(profile: str, tmp_path: Path) -> 
     nt = S.simclr_config(profile, "nt_xent", tmp_path)
     bal = S.simclr_config(profile, "balanced", tmp_path)
     assert _diff(nt, bal) == {"loss.name", "loss.alpha", "loss.lam", "loss.include_positive"}
-    assert (bal.loss.alpha, bal.loss.lam, bal.loss.include_positive) == (1.0, 2.0, False)
-    assert bal.loss.lam / bal.loss.alpha == 2.0
+    assert (bal.loss.alpha, bal.loss.lam, bal.loss.include_positive) == (1.0, 1.0, False)
+
+
+def test_balanced_cell_is_chosen_from_the_stored_grid() -> None:
+    """Issue 11: chapter 6's balanced run is a cell of balance_grid that no other balanced cell
+    beats (paired kNN, 95% interval), from clean-tree runs none of which was flagged."""
+    from cl_lib import experiments as ex
+
+    grid = ex.load_stored("balance_grid")
+    assert grid["schema_version"] >= 2 and not grid["provenance"]["git_dirty"]
+    params = {c["cell"]: c["params"] for c in grid["grid"]["cells"]}
+    chosen = next(
+        cell
+        for cell, p in params.items()
+        if all(p.get(f"loss.{key}") == value for key, value in S.BALANCED.items())
+    )
+    row = {r["cell"]: r for r in ex.summarise(grid, "knn_acc")}[chosen]
+    assert row["runs"] >= 5 and row["flagged"] == 0
+    for cell, st in ex.paired_stats(grid, chosen, "knn_acc").items():
+        if not params[cell].get("loss.include_positive"):  # NT-Xent is the other run
+            assert st["verdict"] != "higher", f"{cell} beats the chosen cell"
 
 
 @pytest.mark.parametrize("profile", S.PROFILES)
