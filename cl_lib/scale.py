@@ -56,11 +56,11 @@ LOSSES: tuple[str, ...] = ("nt_xent", "balanced")
 """The chapter's two losses, SimCLR's NT-Xent and the balanced loss at :data:`BALANCED`."""
 
 BALANCED: dict[str, Any] = {"alpha": 1.0, "lam": 1.0, "include_positive": False}
-"""The balanced loss of the chapter: (alpha, lambda) = (1, 1) with the positive left out of the
-denominator, the loss derived in Chapter 2. Chosen from Chapter 4's grid ``balance_grid`` at the
-working recipe: no balanced cell there beats it (``tests/test_scale.py`` checks this against
-``results/balance_grid.json``), and lambda / alpha = 2, the first version's choice, is lower on
-the linear probe."""
+"""The chapter's balanced loss, (alpha, lambda) = (1, 1) with the positive left out of the
+denominator, which is the loss derived in Chapter 2. Chosen from Chapter 4's grid
+``balance_grid`` at the working recipe: no balanced cell there beats it
+(``tests/test_scale.py`` checks this against ``results/balance_grid.json``), and
+lambda / alpha = 2, the first version's choice, is lower on the linear probe."""
 RUN_LABELS: dict[str, str] = {"nt_xent": "NT-Xent", "balanced": "derived (1, 1)"}
 """Display names of the runs."""
 FULL_EPOCHS = 20
@@ -74,10 +74,11 @@ LIVE_SIZING: dict[str, int] = {
     "optim.batch_size": 64,
     "optim.epochs": 10,
 }
-"""The book's live CPU sizing of the shapes recipe: 310 steps (2000 images, batch 64, 10 epochs),
-about half a minute per run on one core. It is the shortest sizing tried at which NT-Xent ends
-clearly above a random encoder and raw pixels (seed 0: kNN 39% against 23% and 25%); 200 steps
-on 1280 images did not. Chapter 6's quick profile and Chapter 4's live runs use it."""
+"""The book's live CPU sizing of the shapes recipe, 310 steps (2000 images, batch 64, 10
+epochs), about half a minute per run on one core. It is the shortest sizing tried at which
+NT-Xent ends clearly above a random encoder and raw pixels (seed 0: kNN 39% against 23% and
+25%); 200 steps on 1280 images did not. Chapter 6's quick profile and Chapter 4's live runs
+use it."""
 
 
 def live_overrides() -> tuple[str, ...]:

@@ -498,12 +498,12 @@ def test_paired_stats_intervals_and_flag_exclusion(capsys):
     ex.print_paired(results, "ref")
     ex.print_table(results, {"kNN %": "knn_acc"}, scale={"kNN %": 100.0})
     out = capsys.readouterr().out
-    assert "not distinguishable at 5 seeds" in out
+    assert "not distinguishable (3/5)" in out
     paired = {line.split()[0]: line for line in out.splitlines() if " of " in line}
     mean, low, high = (100 * up[k] for k in ("mean", "low", "high"))
     # three significant digits of the largest bound (6.27) give two decimals
     assert f"4 of 5{mean:+9.2f}" in paired["up"] and f"[{low:+.2f}, {high:+.2f}]" in out
-    assert "4/4  higher" in out and "1 (1p)" in out  # 1 flagged run, on the plateau
+    assert "higher (4/4)" in out and "1 (1p)" in out  # 1 flagged run, on the plateau
     ex.print_paired(results, "ref", cells=["up"], metric="knn_acc", scale=1.0)
     gone = schema2_results({"ref": [0.8, 0.8], "flat": [0.1, 0.1]}, {("flat", 0), ("flat", 1)})
     ex.print_paired(gone, "ref")
@@ -524,7 +524,7 @@ def test_compact_tables_fit_88_columns_and_use_labels(capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 88 and long not in out
     assert "80.0 +- 1.0" in out and "0.190 +- 0.010" in out  # median +- std, 3 digits
-    assert "lam/alpha=1" in out and "3/3  lower" in out
+    assert "lam/alpha=1" in out and "lower (3/3)" in out
 
 
 def test_initial_model_is_the_runs_initialisation_and_rho_is_recorded(tmp_path):

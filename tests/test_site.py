@@ -82,6 +82,11 @@ async () => {
     links: out('a[href]').map((a) => a.href),
     colabLinks: out('a[href*="colab.research.google.com"]').map((a) => a.getAttribute('href')),
     ipynbDownloads: out('a[href$=".ipynb"]').map((a) => a.getAttribute('href')),
+    // Code cells and printouts whose lines all fit 88 characters but still scroll.
+    narrowCodeOverflow: out('.bd-article div.cell pre')
+      .map((el) => [Math.max(...el.textContent.split('\\n').map((l) => l.length)),
+                    el.scrollWidth - el.clientWidth, el.textContent.slice(0, 60)])
+      .filter(([longest, excess]) => longest <= 88 && excess > 1),
   };
 }
 """
@@ -400,6 +405,16 @@ def test_colab_button_opens_the_page_notebook(site: Site) -> None:
             problems.append(f"{path}: Colab opens {in_repo}, which is not in the repository")
     assert repo["branch"] == "main"
     assert not problems, "\n".join(problems)
+
+
+def test_lines_of_88_characters_fit_at_1280_pixels(site: Site) -> None:
+    """Issue 12: a code cell or printout within 88 characters does not scroll at 1280 px."""
+    overflow = {
+        path: report.probe["narrowCodeOverflow"]
+        for path, report in site.pages.items()
+        if path.startswith("notebooks/") and report.probe["narrowCodeOverflow"]
+    }
+    assert not overflow, f"(longest line, excess px, start) per page: {overflow}"
 
 
 def test_search_finds_pages(site: Site) -> None:

@@ -342,8 +342,9 @@ def print_paired(
     """Print the paired differences to ``reference`` (times ``scale``), one line per cell.
 
     With ``intervals`` (default: on files of schema 2): :func:`paired_stats`, i.e. the pairs
-    used of those present, the mean, its 95% t interval, the seeds where the sign holds and the
-    verdict; ``labels`` renames cells. Without (old files): mean, std and how many seeds gained.
+    used of those present, the mean, its 95% t interval, and the verdict (``higher``, ``lower``
+    or ``not distinguishable``) with the seeds that agree with the sign of the mean;
+    ``labels`` renames cells. Without (old files): mean, std and how many seeds gained.
     """
     if intervals is None:
         intervals = _new_style(results)
@@ -370,20 +371,20 @@ def print_paired(
     names = {cell: labels.get(cell, cell) for cell in stats}
     width = max(len(n) for n in [*names.values(), "cell"]) + 2
     bounds = [scale * st[k] for st in stats.values() for k in ("mean", "low", "high")]
-    digits = _decimals(bounds)
-    print(
-        f"{'cell':<{width}}{'pairs used':>11}{'mean':>9}{'95% t interval':>20}{'sign':>6}  verdict"
-    )
+    d = _decimals(bounds)
+    head = f"{'cell':<{width}}{'pairs':>8}{'mean':>9}{'95% t interval':>20}"
+    print(f"{head}  verdict (seeds agreeing)")
     for cell, st in stats.items():
         used = f"{st['n']} of {st['n'] + st['excluded']}"
-        line = f"{names[cell]:<{width}}{used:>11}"
+        line = f"{names[cell]:<{width}}{used:>8}"
         if st["n"] == 0:
-            print(f"{line}{'':>35}  no unflagged pair")
+            print(f"{line}{'':>29}  no unflagged pair")
             continue
-        f, d = scale, digits
+        f = scale
         ci = "n/a" if st["n"] < 2 else f"[{f * st['low']:+.{d}f}, {f * st['high']:+.{d}f}]"
-        sign = f"{st['sign_holds']}/{st['n']}"
-        print(f"{line}{f * st['mean']:>+9.{d}f}{ci:>20}{sign:>6}  {st['verdict']}")
+        verdict = "not distinguishable" if not st["distinguishable"] else st["verdict"]
+        sign = f"({st['sign_holds']}/{st['n']})"
+        print(f"{line}{f * st['mean']:>+9.{d}f}{ci:>20}  {verdict} {sign}")
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
