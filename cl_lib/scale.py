@@ -32,9 +32,9 @@ from cl_lib.train import TrainConfig, config_from_dict
 __all__ = [
     "BALANCED",
     "FULL_EPOCHS",
+    "LIVE_SIZING",
     "LOSSES",
     "PROFILES",
-    "LIVE_SIZING",
     "QUICK_EPOCHS",
     "RUN_LABELS",
     "Features",
@@ -61,8 +61,10 @@ denominator, which is the loss derived in Chapter 2. Chosen from Chapter 4's gri
 ``balance_grid`` at the working recipe: no balanced cell there beats it
 (``tests/test_scale.py`` checks this against ``results/balance_grid.json``), and
 lambda / alpha = 2, the first version's choice, is lower on the linear probe."""
+
 RUN_LABELS: dict[str, str] = {"nt_xent": "NT-Xent", "balanced": "derived (1, 1)"}
 """Display names of the runs."""
+
 FULL_EPOCHS = 20
 """Epochs per full run, sized by an estimate (not a measurement). At about 3000 views/s
 (ResNet-18, 32x32, fp16 on a T4) an epoch of 2 x 50 000 views takes 30-40 s, so two runs of 20

@@ -198,8 +198,8 @@ def _flag_text(row: Mapping[str, Any]) -> str:
     """``0``, or the flagged count with its kinds: ``3 (3p)``, ``2 (1p 1k)``."""
     if not row["flagged"]:
         return "0"
-    kinds = [f"{row[key]}{tag}" for key, tag in (("flagged_plateau", "p"), ("flagged_knn", "k"))]
-    return f"{row['flagged']} ({' '.join(k for k in kinds if not k.startswith('0'))})"
+    kinds = (("flagged_plateau", "p"), ("flagged_knn", "k"))
+    return f"{row['flagged']} ({' '.join(f'{row[key]}{tag}' for key, tag in kinds if row[key])})"
 
 
 def _decimals(values: Sequence[float]) -> int:
@@ -209,6 +209,7 @@ def _decimals(values: Sequence[float]) -> int:
 
 
 def _median_std(row: Mapping[str, Any], factor: float, decimals: int) -> str:
+    """``median +- std`` of one summary row, times ``factor``; ``n/a`` without runs."""
     if row["n"] == 0:
         return "n/a"
     std = f"{factor * row['std']:.{decimals}f}" if row["n"] > 1 else "n/a"
@@ -220,6 +221,7 @@ def _print_compact_table(
     scale: Mapping[str, float],
     labels: Mapping[str, str],
 ) -> None:
+    """The schema-2 table of :func:`print_table`: one line per cell, one column per metric."""
     first = next(iter(rows.values()))
     names = [labels.get(row["cell"], row["cell"]) for row in first]
     width = max(len(n) for n in [*names, "cell"]) + 2
