@@ -15,7 +15,8 @@ Two flags mark a run whose numbers should not carry a claim (:func:`run_flags`):
 :func:`collapse_ratio` measures ``rho = E|z_i - z_p|^2 / E|z_i - z_k|^2`` (positive pairs over
 negative pairs, normalised projections): near collapse the balanced loss is, to second order,
 ``const + (alpha E|d_ip|^2 - lam mean_k |d_ik|^2) / (2 tau)``, so collapse attracts when
-``lam / alpha < rho``.
+``lam / alpha < rho``. :func:`pair_spreads` gives the two distances themselves and
+:func:`toward_collapse` the path that shrinks an embedding towards collapse.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ __all__ = [
     "PLATEAU_SHARE",
     "collapse_loss_value",
     "collapse_ratio",
+    "pair_spreads",
     "plateau_epochs",
     "run_flags",
+    "toward_collapse",
 ]
 
 PLATEAU_MARGIN = 0.03
@@ -86,7 +89,7 @@ def collapse_loss_value(
         classes = counts.numel()
         weights = _class_weights(torch.repeat_interleave(torch.arange(classes), counts), classes)
     loss_fn = make_loss(cfg.name, **_loss_kwargs(cfg, weights, gather=False))
-    views = torch.ones(2, batch_size, 8) / math.sqrt(8)
+    views = torch.ones(2, batch_size, 8, dtype=torch.float64) / math.sqrt(8)  # exact to 1e-15
     with torch.no_grad():
         return float(loss_fn(views, labels))
 
@@ -138,12 +141,12 @@ def run_flags(
     }
 
 
-def collapse_ratio(z1: Tensor, z2: Tensor) -> float:
-    """``rho``: mean squared distance of positive pairs over that of negative pairs.
+def pair_spreads(z1: Tensor, z2: Tensor) -> tuple[float, float]:
+    """``(A, R)``: mean squared distances of positive and of negative pairs (float64).
 
     ``z1``, ``z2`` (N, D): two views of N images (normalised here). Positives: ``(z1_i, z2_i)``;
     negatives of anchor ``i``: every view of the other images, as in the contrastive losses.
-    NaN when every pair coincides (exact collapse).
+    These are the ``A`` and ``R`` of Proposition A.7 (``rho = A / R``).
     """
     if not isinstance(z1, Tensor) or not isinstance(z2, Tensor) or z1.ndim != 2:
         raise ValueError("z1 and z2 must be 2-D tensors (N, D)")
@@ -157,7 +160,31 @@ def collapse_ratio(z1: Tensor, z2: Tensor) -> float:
     sq = (2.0 - 2.0 * z @ z.T).clamp(min=0.0)
     image = torch.arange(n).repeat(2)
     other = image.unsqueeze(0) != image.unsqueeze(1)
-    negative = float(sq[other].mean())
+    return positive, float(sq[other].mean())
+
+
+def collapse_ratio(z1: Tensor, z2: Tensor) -> float:
+    """``rho = A / R`` of :func:`pair_spreads`: positive over negative squared distances.
+
+    NaN when every pair coincides (exact collapse).
+    """
+    positive, negative = pair_spreads(z1, z2)
     if negative == 0.0:
         return math.nan
     return positive / negative
+
+
+def toward_collapse(views: Tensor, eps: float) -> Tensor:
+    """``views`` (2, N, D) with every offset from their mean direction scaled by ``eps``.
+
+    Normalised, float64. ``eps = 1`` keeps the (normalised) views, ``eps -> 0`` moves them all
+    onto one point: the path along which Proposition A.7 compares the loss with its value at
+    collapse.
+    """
+    if not isinstance(views, Tensor) or views.ndim != 3 or views.shape[0] != 2:
+        raise ValueError(f"views must be a (2, N, D) tensor, got {getattr(views, 'shape', views)}")
+    if not (isinstance(eps, float) and eps > 0.0):
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    u = F.normalize(views.double(), dim=-1)
+    centre = F.normalize(u.reshape(-1, u.shape[-1]).mean(0), dim=0)
+    return F.normalize(centre + eps * (u - centre), dim=-1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_lib.collapse import collapse_loss_value, collapse_ratio
+from cl_lib.collapse import collapse_loss_value, collapse_ratio, pair_spreads, toward_collapse
 from cl_lib.losses import balanced_contrastive_loss, nt_xent_loss
 
 N, D, TAU = 16, 8, 0.2
@@ -39,9 +39,9 @@ def _near_collapse(eps: float, seed: int = 0, positive_scale: float = 0.6):
 
 def _spreads(z: torch.Tensor) -> tuple[float, float]:
     """A (positive pairs) and R (negative pairs) as mean squared distances."""
-    rho = collapse_ratio(z[0], z[1])
-    a = float((z[0] - z[1]).pow(2).sum(-1).mean())
-    return a, a / rho
+    a, r = pair_spreads(z[0], z[1])
+    assert a / r == pytest.approx(collapse_ratio(z[0], z[1]), rel=1e-12)
+    return a, r
 
 
 @pytest.mark.parametrize(("alpha", "lam"), [(1.0, 1.0), (1.0, 0.5), (2.0, 1.0), (1.0, 2.0)])
@@ -89,3 +89,33 @@ def test_collapse_attracts_exactly_below_the_ratio_rho(positive_scale: float):
         collapsed = (ratio - 1.0) / TAU + ratio * math.log(K)
         loss = float(balanced_contrastive_loss(z, temperature=TAU, alpha=1.0, lam=ratio))
         assert (loss > collapsed) is rises, (positive_scale, rho, ratio)
+
+
+def test_pair_spreads_are_the_mean_squared_distances_of_the_pairs():
+    """A and R against a loop over every anchor and every negative view (the definition)."""
+    gen = torch.Generator().manual_seed(3)
+    z = F.normalize(torch.randn(2, 6, 4, generator=gen, dtype=torch.float64), dim=-1)
+    a, r = pair_spreads(z[0], z[1])
+    flat = z.reshape(12, 4)
+    negatives = [
+        float((flat[i] - flat[k]).pow(2).sum())
+        for i in range(12)
+        for k in range(12)
+        if i % 6 != k % 6
+    ]
+    assert a == pytest.approx(float((z[0] - z[1]).pow(2).sum(-1).mean()), rel=1e-12)
+    assert r == pytest.approx(sum(negatives) / len(negatives), rel=1e-12)
+
+
+def test_toward_collapse_scales_both_spreads_by_eps_squared_and_keeps_rho():
+    """Distances scale like eps (1 + O(eps)): halving a small eps quarters A and R."""
+    z = _near_collapse(1.0)
+    assert torch.allclose(toward_collapse(z, 1.0), F.normalize(z, dim=-1), atol=1e-12)
+    a1, r1 = pair_spreads(*toward_collapse(z, 0.002))
+    a2, r2 = pair_spreads(*toward_collapse(z, 0.001))
+    assert a1 / a2 == pytest.approx(4.0, rel=5e-3) and r1 / r2 == pytest.approx(4.0, rel=5e-3)
+    assert a1 / r1 == pytest.approx(a2 / r2, rel=5e-3)
+    with pytest.raises(ValueError, match="eps"):
+        toward_collapse(z, 0.0)
+    with pytest.raises(ValueError, match="views"):
+        toward_collapse(z[0], 0.1)

@@ -511,6 +511,23 @@ def test_paired_stats_intervals_and_flag_exclusion(capsys):
     assert "0 of 2" in last and "no unflagged pair" in last
 
 
+def test_flagged_runs_and_plateau_epochs_print_per_run(capsys):
+    """What the chapters show of flagged runs: flags, plateau epochs, kNN, rho per cell."""
+    results = schema2_results({"ref": [0.80, 0.78], "flat": [0.10, 0.50]}, {("flat", 0)})
+    for run in results["runs"]:
+        rho = {"init": 0.9 + 0.1 * run["seed"], "final": 0.2}
+        run["metrics"].update(alignment=0.01, rho=rho)
+    ex.print_flagged(results, {"flat": "F"})
+    ex.print_plateau_table(results, {"flat": "F"})
+    out = capsys.readouterr().out
+    assert "flagged runs: 1 of 4" in out and "F seed 1" not in out
+    assert "F seed 0: plateau+knn; plateau 4 of 4 epochs, kNN 10.0%, alignment 0.0100" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-2:]}
+    assert rows["ref"] == ["0.90", "0.20", "0/2", "0", "0"]
+    assert rows["F"] == ["0.90", "0.20", "1/2", "4", "0"]
+    assert max(len(line) for line in out.splitlines()) <= 88
+
+
 def test_compact_tables_fit_88_columns_and_use_labels(capsys):
     """Issue 12: the printed tables of the chapters fit a code cell without scrolling."""
     long = "alpha=1.0,lam=1.0,include_positive=0"

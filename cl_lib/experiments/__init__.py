@@ -21,8 +21,8 @@ hash) and resumes a half-finished run from its checkpoint. A run that raises is 
 ``failures`` and the grid goes on; the command then exits with status 1.
 
 Readers: :func:`summarise`, :func:`paired_differences`, :func:`paired_stats`,
-:func:`print_table`, :func:`print_paired`; flags of bad runs come from
-:func:`cl_lib.collapse.run_flags` (:func:`flagged_runs`).
+:func:`print_table`, :func:`print_paired`, :func:`print_flagged`, :func:`print_plateau_table`;
+flags of bad runs come from :func:`cl_lib.collapse.run_flags` (:func:`flagged_runs`).
 
 Command line::
 
@@ -60,7 +60,9 @@ from cl_lib.experiments.reporting import (
     load_stored,
     paired_differences,
     paired_stats,
+    print_flagged,
     print_paired,
+    print_plateau_table,
     print_provenance,
     print_table,
     run_metric,
@@ -106,7 +108,9 @@ __all__ = [
     "run_experiment_cli",
     "load_stored",
     "paired_differences",
+    "print_flagged",
     "print_paired",
+    "print_plateau_table",
     "print_provenance",
     "print_table",
     "run_metric",

@@ -2,7 +2,8 @@
 
 Here: :func:`summarise` (per cell, flagged runs left out by default), :func:`flagged_runs`,
 :func:`run_metric`, :func:`paired_differences` and :func:`paired_stats` (95% t intervals across
-seeds), :func:`print_table`, :func:`print_paired`, :func:`print_provenance`, and
+seeds), :func:`print_table`, :func:`print_paired`, :func:`print_flagged`,
+:func:`print_plateau_table`, :func:`print_provenance`, and
 :func:`load_stored` (a stored results file from the checkout or the course's source). Not here:
 writing results (:mod:`cl_lib.experiments.runner`), the statistics (:mod:`cl_lib.stats`).
 """
@@ -239,6 +240,44 @@ def _print_compact_table(
     for i, row in enumerate(first):
         line = f"{names[i]:<{width}}{row['runs']:>4}{_flag_text(row):>11}{row['n']:>5}"
         print(line + "".join(f"{vals[i]:>{widths[label]}}" for label, vals in cols.items()))
+
+
+def print_flagged(results: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> None:
+    """Print every flagged run: its flags, epochs on the plateau, final kNN and alignment."""
+    labels = labels or {}
+    runs = {(r["cell"], r["seed"]): r for r in results["runs"]}
+    flagged = [f for f in flagged_runs(results) if f["flagged"]]
+    print(f"flagged runs: {len(flagged)} of {len(runs)}")
+    for f in flagged:
+        run = runs[f["cell"], f["seed"]]
+        kinds = "+".join(kind for kind in ("plateau", "knn") if f[kind])
+        epochs = f"{len(f['plateau_epochs'])} of {len(run['history'])}"
+        print(
+            f"  {labels.get(f['cell'], f['cell'])} seed {f['seed']}: {kinds}; plateau {epochs} "
+            f"epochs, kNN {100 * run['metrics']['knn_acc']:.1f}%, "
+            f"alignment {run['metrics']['alignment']:.4f}"
+        )
+
+
+def print_plateau_table(
+    results: Mapping[str, Any], labels: Mapping[str, str] | None = None
+) -> None:
+    """Print per cell the median rho at initialisation and at the end, the flagged runs, and
+    each seed's epochs on the collapse plateau (:func:`cl_lib.collapse.run_flags`)."""
+    labels = labels or {}
+    flags = {(f["cell"], f["seed"]): f for f in flagged_runs(results)}
+    names = {c["cell"]: labels.get(c["cell"], c["cell"]) for c in results["grid"]["cells"]}
+    width = max(len(n) for n in [*names.values(), "cell"]) + 2
+    epochs = len(results["runs"][0]["history"]) if results["runs"] else 0
+    print(f"{'cell':<{width}}rho init  end  flagged  epochs on the plateau (of {epochs})")
+    for cell, name in names.items():
+        runs = sorted(_cell_runs(results, cell), key=lambda r: r["seed"])
+        cell_flags = [flags[cell, r["seed"]] for r in runs]
+        rho0 = torch.tensor([r["metrics"]["rho"]["init"] for r in runs]).median()
+        rho1 = torch.tensor([r["metrics"]["rho"]["final"] for r in runs]).median()
+        flagged = f"{sum(f['flagged'] for f in cell_flags)}/{len(runs)}"
+        plateau = " ".join(f"{len(f['plateau_epochs']):2d}" for f in cell_flags)
+        print(f"{name:<{width}}{float(rho0):8.2f}{float(rho1):5.2f}{flagged:>9}  {plateau}")
 
 
 def _pairs(
