@@ -91,8 +91,6 @@ def live_overrides() -> tuple[str, ...]:
 QUICK_EPOCHS = LIVE_SIZING["optim.epochs"]
 """Epochs per quick run, of 31 steps each (:data:`LIVE_SIZING`)."""
 
-_QUICK_TRAIN, _QUICK_TEST = LIVE_SIZING["data.size"], LIVE_SIZING["data.test_size"]
-
 _COMMON: dict[str, Any] = {"seed": 0, "device": "auto", "checkpoint_every": 1}
 
 _FULL: dict[str, Any] = {
@@ -123,7 +121,12 @@ _QUICK: dict[str, Any] = {
     "knn_k": 20,
     "knn_temperature": 0.07,
     "geometry_size": 256,
-    "data": {"name": "shapes", "size": _QUICK_TRAIN, "test_size": _QUICK_TEST, "n_views": 2},
+    "data": {
+        "name": "shapes",
+        "size": LIVE_SIZING["data.size"],
+        "test_size": LIVE_SIZING["data.test_size"],
+        "n_views": 2,
+    },
     "augment": {"name": "shapes", "strength": 1.0},
     "model": {"backbone": "small_cnn", "head_hidden": 256, "head_out": 128, "head_layers": 2},
     "loss": {"temperature": 0.2},
