@@ -429,7 +429,8 @@ def ch5_ex1(n: object) -> None:
 def ch5_ex2(fraction: object, differences: Sequence[float]) -> None:
     """Exercise 5.2: the fraction of runs in which the linear probe on h beats the one on z.
 
-    ``differences`` holds, per stored run, the linear-probe accuracy on ``h`` minus that on ``z``.
+    ``differences`` holds, per pooled run (unflagged, each configuration and seed once), the
+    linear-probe accuracy on ``h`` minus that on ``z``.
     """
     if fraction is None:
         return _not_answered()
@@ -445,7 +446,10 @@ def ch5_ex2(fraction: object, differences: Sequence[float]) -> None:
     elif _close(value, 1 - expected, abs_tol=1e-9):
         hint = "count the runs in which h is HIGHER than z (h - z > 0)."
     else:
-        hint = "pool every run of the three experiments and compare linear_acc_head to linear_acc."
+        hint = (
+            "pool the unflagged runs of the three experiments, each configuration and seed "
+            "once, and compare linear_acc_head to linear_acc."
+        )
     return _verdict(False, "", f"{value:.4g} is not the fraction of those runs.", hint)
 
 
