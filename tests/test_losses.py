@@ -214,6 +214,25 @@ def test_nt_xent_is_derived_plus_gap(seed: int, tau: float) -> None:
     assert L.contrastive_components(_randn(3, 4, 2)).nt_xent_gap is None
 
 
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_gradient_is_the_derived_gradient_weighted_by_exp_minus_gap(tau: float) -> None:
+    """Appendix (forces of the balanced loss): per anchor, every derivative of NT-Xent is
+    1 - p_ip = exp(-gap_i) times the derived loss's, so the two gradients agree once each
+    anchor's derived loss is weighted by exp(-gap_i) (and differ without the weights)."""
+    views = _randn(2, 12, 8, seed=5)
+    views[1] = views[0] + 0.3 * _randn(12, 8, seed=6)  # close views: the weights differ
+    views.requires_grad_(True)
+    nt = L.nt_xent_loss(views, temperature=tau, reduction="none")
+    derived = L.decoupled_contrastive_loss(views, temperature=tau, reduction="none")
+    weight = torch.exp(-(nt - derived)).detach()
+    (g_nt,) = torch.autograd.grad(nt.sum(), views, retain_graph=True)
+    (g_weighted,) = torch.autograd.grad((weight * derived).sum(), views, retain_graph=True)
+    (g_derived,) = torch.autograd.grad(derived.sum(), views)
+    torch.testing.assert_close(g_nt, g_weighted, rtol=1e-10, atol=1e-12)
+    assert float(weight.max() - weight.min()) > 0.01
+    assert not torch.allclose(g_nt, g_derived, atol=1e-4)
+
+
 def test_gap_shrinks_with_more_negatives() -> None:
     """The NT-Xent/derived gap falls as the batch (number of negatives) grows."""
     gaps = []
