@@ -680,3 +680,51 @@ def test_stored_grids_are_the_registered_grids_run_from_a_clean_commit(tmp_path)
     assert len(repeated) >= 6  # NT-Xent at the recipe is in A, B, E, F and H (3+ seeds)
     for values in repeated:
         assert len({knn for _, knn in values}) == 1, f"one configuration, two results: {values}"
+
+
+def test_compare_rerun_tells_identical_within_spread_and_foreign_runs(capsys):
+    """A rerun equal to the stored runs is identical; a shift of half the cell's spread is
+    within it, three spreads are not; a run of another configuration is refused by name."""
+    import copy
+
+    stored = ex.load_stored("long_tailed")
+    rows = ex.compare_rerun(stored, stored)
+    assert len(rows) == len(stored["runs"]) and all(r["identical"] for r in rows)
+    std = {
+        row["cell"]: row["std"] for row in ex.summarise(stored, "knn_acc", exclude_flagged=False)
+    }
+    rerun = copy.deepcopy(stored)
+    first, second = rerun["runs"][0], rerun["runs"][1]
+    first["metrics"]["knn_acc"] += 0.5 * std[first["cell"]]
+    second["metrics"]["knn_acc"] -= 3.0 * std[second["cell"]]
+    rows = ex.compare_rerun(stored, rerun)
+    assert not rows[0]["identical"] and rows[0]["within_spread"]
+    assert not rows[1]["within_spread"]
+    assert rows[1]["diff"]["knn_acc"] == pytest.approx(-3.0 * std[second["cell"]])
+    assert all(r["identical"] for r in rows[2:])
+    ex.print_rerun_comparison(stored, rerun)
+    out = capsys.readouterr().out
+    assert "OUTSIDE the cell's spread" in out
+    assert f"{len(rows) - 2} of {len(rows)} runs identical" in out
+    rerun["runs"][0]["config_hash"] = "not-a-stored-hash"
+    with pytest.raises(ValueError, match=first["cell"]):
+        ex.compare_rerun(stored, rerun)
+
+
+def test_compare_rerun_script_writes_the_comparison_and_fails_outside_the_spread(tmp_path):
+    """scripts/compare_rerun.py: exit 0 and a JSON record for a faithful rerun, 1 when a run
+    lies outside its cell's spread."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "compare_rerun.py"
+    spec = importlib.util.spec_from_file_location("compare_rerun", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rerun = ex.load_stored("long_tailed")
+    (tmp_path / "long_tailed.json").write_text(json.dumps(rerun))
+    assert script.main([str(tmp_path), "--write", str(tmp_path / "cmp.json")]) == 0
+    record = json.loads((tmp_path / "cmp.json").read_text())
+    assert all(r["identical"] for r in record["long_tailed"]["runs"])
+    rerun["runs"][0]["metrics"]["final_loss"] += 10.0
+    (tmp_path / "long_tailed.json").write_text(json.dumps(rerun))
+    assert script.main([str(tmp_path)]) == 1

@@ -21,7 +21,8 @@ hash) and resumes a half-finished run from its checkpoint. A run that raises is 
 ``failures`` and the grid goes on; the command then exits with status 1.
 
 Readers: :func:`summarise`, :func:`paired_differences`, :func:`paired_stats`,
-:func:`print_table`, :func:`print_paired`, :func:`print_flagged`, :func:`print_plateau_table`;
+:func:`print_table`, :func:`print_paired`, :func:`print_flagged`, :func:`print_plateau_table`,
+:func:`compare_rerun` and :func:`print_rerun_comparison` (a rerun against the stored runs);
 flags of bad runs come from :func:`cl_lib.collapse.run_flags` (:func:`flagged_runs`).
 
 Command line::
@@ -56,6 +57,7 @@ from cl_lib.experiments.measures import (
     measure_views,
 )
 from cl_lib.experiments.reporting import (
+    compare_rerun,
     flagged_runs,
     load_stored,
     paired_differences,
@@ -64,6 +66,7 @@ from cl_lib.experiments.reporting import (
     print_paired,
     print_plateau_table,
     print_provenance,
+    print_rerun_comparison,
     print_table,
     run_metric,
     summarise,
@@ -91,6 +94,7 @@ __all__ = [
     "SMOKE_WARNING",
     "cell_hash",
     "cell_id",
+    "compare_rerun",
     "config_hash",
     "flagged_runs",
     "initial_model",
@@ -108,6 +112,7 @@ __all__ = [
     "run_experiment_cli",
     "load_stored",
     "paired_differences",
+    "print_rerun_comparison",
     "print_flagged",
     "print_paired",
     "print_plateau_table",

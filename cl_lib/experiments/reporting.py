@@ -3,7 +3,8 @@
 Here: :func:`summarise` (per cell, flagged runs left out by default), :func:`flagged_runs`,
 :func:`run_metric`, :func:`paired_differences` and :func:`paired_stats` (95% t intervals across
 seeds), :func:`print_table`, :func:`print_paired`, :func:`print_flagged`,
-:func:`print_plateau_table`, :func:`print_provenance`, and
+:func:`print_plateau_table`, :func:`print_provenance`, :func:`compare_rerun` and
+:func:`print_rerun_comparison` (a rerun against the stored runs), and
 :func:`load_stored` (a stored results file from the checkout or the course's source). Not here:
 writing results (:mod:`cl_lib.experiments.runner`), the statistics (:mod:`cl_lib.stats`).
 """
@@ -426,6 +427,83 @@ def print_paired(
         verdict = "not distinguishable" if not st["distinguishable"] else st["verdict"]
         sign = f"({st['sign_holds']}/{st['n']})"
         print(f"{line}{f * st['mean']:>+9.{d}f}{ci:>20}  {verdict} {sign}")
+
+
+REPRODUCED_METRICS = ("knn_acc", "linear_acc", "final_loss")
+"""The metrics :func:`compare_rerun` compares between a rerun and the stored runs."""
+
+
+def compare_rerun(
+    stored: Mapping[str, Any],
+    rerun: Mapping[str, Any],
+    metrics: Sequence[str] = REPRODUCED_METRICS,
+) -> list[dict[str, Any]]:
+    """Per run of ``rerun`` (grid order): how far it lies from the stored run it repeats.
+
+    A rerun run repeats the stored run with the same configuration hash and seed; ValueError
+    when there is none (the rerun used another grid or sizing). Keys: ``cell``, ``seed``,
+    ``diff`` (rerun minus stored, per metric), ``identical`` (every metric equal) and
+    ``within_spread``: ``|diff|`` of each metric at most the standard deviation of the stored
+    cell over its seeds (every run counted; ``False`` for a single-seed cell that differs).
+    """
+    by_key = {(r["config_hash"], r["seed"]): r for r in stored["runs"]}
+    spread = {
+        metric: {
+            row["cell"]: row["std"] for row in summarise(stored, metric, exclude_flagged=False)
+        }
+        for metric in metrics
+    }
+    out = []
+    for run in rerun["runs"]:
+        old = by_key.get((run["config_hash"], run["seed"]))
+        if old is None:
+            raise ValueError(
+                f"rerun of cell {run['cell']!r}, seed {run['seed']}, has no stored run with its "
+                f"configuration (hash {run['config_hash']}): compare files of the same grid and "
+                "sizing"
+            )
+        diff = {
+            m: float(_lookup(run["metrics"], m)) - float(_lookup(old["metrics"], m))
+            for m in metrics
+        }
+        within = all(
+            d == 0.0 or abs(d) <= spread[m][old["cell"]] for m, d in diff.items()
+        )  # a NaN spread (one seed) compares False
+        out.append(
+            {
+                "cell": old["cell"],
+                "seed": run["seed"],
+                "diff": diff,
+                "identical": all(d == 0.0 for d in diff.values()),
+                "within_spread": within,
+            }
+        )
+    return out
+
+
+def print_rerun_comparison(
+    stored: Mapping[str, Any],
+    rerun: Mapping[str, Any],
+    metrics: Sequence[str] = REPRODUCED_METRICS,
+) -> None:
+    """Print :func:`compare_rerun`: one line per rerun run, then a count."""
+    rows = compare_rerun(stored, rerun, metrics)
+    print(
+        f"{rerun['experiment']}: rerun at {(rerun['provenance']['git_commit'] or '?')[:10]} "
+        f"against the stored runs at {(stored['provenance']['git_commit'] or '?')[:10]}"
+    )
+    for row in rows:
+        if row["identical"]:
+            verdict = "identical"
+        elif row["within_spread"]:
+            verdict = "within the cell's spread"
+        else:
+            verdict = "OUTSIDE the cell's spread"
+        diffs = ", ".join(f"{m} {d:+.3g}" for m, d in row["diff"].items())
+        print(f"  {row['cell']} seed {row['seed']}: {verdict} ({diffs})")
+    same = sum(r["identical"] for r in rows)
+    within = sum(r["within_spread"] for r in rows)
+    print(f"  {same} of {len(rows)} runs identical, {within} within the stored spread")
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
