@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         stored = ex.load_stored(name)
         rerun = ex.load_results(args.rerun_dir / f"{name}.json")
-        ex.print_rerun_comparison(stored, rerun)
-        rows = ex.compare_rerun(stored, rerun)
+        rows = ex.print_rerun_comparison(stored, rerun)
         outside += sum(not r["within_spread"] for r in rows)
         record[name] = {
             "stored_commit": stored["provenance"]["git_commit"],

@@ -741,3 +741,35 @@ def test_stored_reproduction_covers_every_cell_from_a_clean_commit():
         cells = {c["cell"] for c in ex.load_stored(name)["grid"]["cells"]}
         assert {r["cell"] for r in entry["runs"]} == cells, name
         assert all(r["within_spread"] for r in entry["runs"]), name
+
+
+def test_metric_difference_stats_and_unflagged_runs_on_a_stored_grid(capsys):
+    """Within-run differences of two metrics get the interval of cl_lib.stats from exactly the
+    unflagged runs of the cell; unflagged_runs is the complement of the flagged ones."""
+    from cl_lib.stats import paired_interval
+
+    grid = ex.load_stored("normalisation")
+    flagged = {(f["cell"], f["seed"]) for f in ex.flagged_runs(grid) if f["flagged"]}
+    kept = ex.unflagged_runs(grid)
+    assert {(r["cell"], r["seed"]) for r in kept} == {
+        (r["cell"], r["seed"]) for r in grid["runs"]
+    } - flagged
+    assert flagged  # the raw-dot-product cells are flagged
+    for cell in ("normalize=1", "normalize=0"):
+        st = ex.metric_difference_stats(grid, cell, "knn_acc", "knn_acc_head")
+        runs = [r for r in kept if r["cell"] == cell]
+        expected = paired_interval(
+            [r["metrics"]["knn_acc"] - r["metrics"]["knn_acc_head"] for r in runs]
+        )
+        assert st["n"] == expected.n == len(runs)
+        assert st["excluded"] == 3 - len(runs)
+        if runs:
+            assert st["mean"] == pytest.approx(expected.mean)
+            assert (st["low"], st["high"]) == pytest.approx((expected.low, expected.high))
+    with pytest.raises(ValueError, match="no such cell"):
+        ex.metric_difference_stats(grid, "no such cell", "knn_acc", "knn_acc_head")
+    ex.print_intervals(
+        {"h - z": ex.metric_difference_stats(grid, "normalize=1", "knn_acc", "knn_acc_head")}
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("h - z") and "3 of 3" in out[1] and len(max(out, key=len)) <= 88

@@ -21,7 +21,8 @@ hash) and resumes a half-finished run from its checkpoint. A run that raises is 
 ``failures`` and the grid goes on; the command then exits with status 1.
 
 Readers: :func:`summarise`, :func:`paired_differences`, :func:`paired_stats`,
-:func:`print_table`, :func:`print_paired`, :func:`print_flagged`, :func:`print_plateau_table`,
+:func:`metric_difference_stats`, :func:`unflagged_runs`, :func:`print_table`,
+:func:`print_paired`, :func:`print_intervals`, :func:`print_flagged`, :func:`print_plateau_table`,
 :func:`compare_rerun` and :func:`print_rerun_comparison` (a rerun against the stored runs);
 flags of bad runs come from :func:`cl_lib.collapse.run_flags` (:func:`flagged_runs`).
 
@@ -60,9 +61,11 @@ from cl_lib.experiments.reporting import (
     compare_rerun,
     flagged_runs,
     load_stored,
+    metric_difference_stats,
     paired_differences,
     paired_stats,
     print_flagged,
+    print_intervals,
     print_paired,
     print_plateau_table,
     print_provenance,
@@ -70,6 +73,7 @@ from cl_lib.experiments.reporting import (
     print_table,
     run_metric,
     summarise,
+    unflagged_runs,
 )
 from cl_lib.experiments.runner import (
     SMOKE_WARNING,
@@ -111,7 +115,9 @@ __all__ = [
     "run_experiment",
     "run_experiment_cli",
     "load_stored",
+    "metric_difference_stats",
     "paired_differences",
+    "print_intervals",
     "print_rerun_comparison",
     "print_flagged",
     "print_paired",
@@ -119,6 +125,7 @@ __all__ = [
     "print_provenance",
     "print_table",
     "run_metric",
+    "unflagged_runs",
     "summarise",
 ]
 # The documented constants (autodoc reads attribute docstrings from this file only).

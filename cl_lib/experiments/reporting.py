@@ -1,8 +1,9 @@
 """Reading results back: summaries, paired differences and intervals, printed tables.
 
 Here: :func:`summarise` (per cell, flagged runs left out by default), :func:`flagged_runs`,
-:func:`run_metric`, :func:`paired_differences` and :func:`paired_stats` (95% t intervals across
-seeds), :func:`print_table`, :func:`print_paired`, :func:`print_flagged`,
+:func:`unflagged_runs`, :func:`run_metric`, :func:`paired_differences`, :func:`paired_stats` and
+:func:`metric_difference_stats` (95% t intervals across seeds), :func:`print_table`,
+:func:`print_paired`, :func:`print_intervals`, :func:`print_flagged`,
 :func:`print_plateau_table`, :func:`print_provenance`, :func:`compare_rerun` and
 :func:`print_rerun_comparison` (a rerun against the stored runs), and
 :func:`load_stored` (a stored results file from the checkout or the course's source). Not here:
@@ -65,6 +66,11 @@ def flagged_runs(results: Mapping[str, Any], **thresholds: float) -> list[dict[s
         for r in sorted(_cell_runs(results, cell["cell"]), key=lambda r: r["seed"]):
             out.append({"cell": r["cell"], "seed": r["seed"], **run_flags(r, **thresholds)})
     return out
+
+
+def unflagged_runs(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The runs a conclusion may rest on: neither flag of :func:`cl_lib.collapse.run_flags`."""
+    return [r for r in results["runs"] if not _flags(r)["flagged"]]
 
 
 def summarise(
@@ -352,22 +358,50 @@ def paired_stats(
     ``lower`` or ``not distinguishable at n seeds``), ``seeds``, ``differences``, and
     ``excluded`` / ``excluded_seeds``: pairs left out because a run was flagged.
     """
+    pairs = _pairs(results, reference, metric, cells, _exclude(results, exclude_flagged))
+    return {
+        cell: _interval_row(diffs, seeds, excluded, level)
+        for cell, (diffs, seeds, excluded) in pairs.items()
+    }
+
+
+def _interval_row(
+    diffs: list[float], seeds: list[int], excluded: list[int], level: float
+) -> dict[str, Any]:
+    """The statistics of :func:`paired_stats` for one list of paired differences."""
     from cl_lib.stats import paired_interval
 
-    pairs = _pairs(results, reference, metric, cells, _exclude(results, exclude_flagged))
-    out = {}
-    for cell, (diffs, seeds, excluded) in pairs.items():
-        iv = paired_interval(diffs, level)
-        out[cell] = {
-            **dataclasses.asdict(iv),
-            "distinguishable": iv.distinguishable,
-            "verdict": iv.verdict(),
-            "seeds": seeds,
-            "differences": diffs,
-            "excluded": len(excluded),
-            "excluded_seeds": excluded,
-        }
-    return out
+    iv = paired_interval(diffs, level)
+    return {
+        **dataclasses.asdict(iv),
+        "distinguishable": iv.distinguishable,
+        "verdict": iv.verdict(),
+        "seeds": seeds,
+        "differences": diffs,
+        "excluded": len(excluded),
+        "excluded_seeds": excluded,
+    }
+
+
+def metric_difference_stats(
+    results: Mapping[str, Any],
+    cell: str,
+    metric: str,
+    minus: str,
+    *,
+    exclude_flagged: bool | None = None,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``metric`` minus ``minus`` within each run of ``cell`` (say kNN on h minus kNN on z),
+    with the keys of :func:`paired_stats`; flagged runs are left out as there."""
+    exclude = _exclude(results, exclude_flagged)
+    runs = sorted(_cell_runs(results, cell), key=lambda r: r["seed"])
+    if not runs:
+        raise ValueError(f"cell must be a cell with runs, got {cell!r}")
+    kept = [r for r in runs if not (exclude and _flags(r)["flagged"])]
+    diffs = [_lookup(r["metrics"], metric) - _lookup(r["metrics"], minus) for r in kept]
+    excluded = [r["seed"] for r in runs if r not in kept]
+    return _interval_row(diffs, [r["seed"] for r in kept], excluded, level)
 
 
 def print_paired(
@@ -410,15 +444,21 @@ def print_paired(
     stats = paired_stats(results, reference, metric, cells, exclude_flagged=exclude_flagged)
     ref = labels.get(reference, reference)
     print(f"{metric} x {scale:g} minus {ref} on the same seed; pairs with a flagged run left out")
-    names = {cell: labels.get(cell, cell) for cell in stats}
-    width = max(len(n) for n in [*names.values(), "cell"]) + 2
-    bounds = [scale * st[k] for st in stats.values() for k in ("mean", "low", "high")]
+    print_intervals({labels.get(cell, cell): st for cell, st in stats.items()}, scale)
+
+
+def print_intervals(rows: Mapping[str, Mapping[str, Any]], scale: float = 100.0) -> None:
+    """Print one line per named row of :func:`paired_stats` or :func:`metric_difference_stats`
+    statistics (times ``scale``): pairs used, mean, 95% t interval, and the verdict with the
+    seeds that agree with the sign of the mean."""
+    width = max(len(n) for n in [*rows, "cell"]) + 2
+    bounds = [scale * st[k] for st in rows.values() for k in ("mean", "low", "high")]
     d = _decimals(bounds)
     head = f"{'cell':<{width}}{'pairs':>8}{'mean':>9}{'95% t interval':>20}"
     print(f"{head}  verdict (seeds agreeing)")
-    for cell, st in stats.items():
+    for name, st in rows.items():
         used = f"{st['n']} of {st['n'] + st['excluded']}"
-        line = f"{names[cell]:<{width}}{used:>8}"
+        line = f"{name:<{width}}{used:>8}"
         if st["n"] == 0:
             print(f"{line}{'':>29}  no unflagged pair")
             continue
@@ -485,8 +525,8 @@ def print_rerun_comparison(
     stored: Mapping[str, Any],
     rerun: Mapping[str, Any],
     metrics: Sequence[str] = REPRODUCED_METRICS,
-) -> None:
-    """Print :func:`compare_rerun`: one line per rerun run, then a count."""
+) -> list[dict[str, Any]]:
+    """Print :func:`compare_rerun`, one line per rerun run and a count; return its rows."""
     rows = compare_rerun(stored, rerun, metrics)
     print(
         f"{rerun['experiment']}: rerun at {(rerun['provenance']['git_commit'] or '?')[:10]} "
@@ -504,6 +544,7 @@ def print_rerun_comparison(
     same = sum(r["identical"] for r in rows)
     within = sum(r["within_spread"] for r in rows)
     print(f"  {same} of {len(rows)} runs identical, {within} within the stored spread")
+    return rows
 
 
 def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
